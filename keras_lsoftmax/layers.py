@@ -1,0 +1,230 @@
+"""`LSoftmaxDense`: the class-weight layer of the L-Softmax loss."""
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_lsoftmax import ops
+from keras_lsoftmax.label_scope import HeadRecord
+from keras_lsoftmax.label_scope import current_label_scope
+
+
+def _check_lambda_value(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected a float >= 0. "
+            f"Received: {name}={value!r}"
+        )
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected a float >= 0. "
+            f"Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_lsoftmax")
+class LSoftmaxDense(keras.layers.Layer):
+    """Dense class weights whose labelled logit gets the L-Softmax margin.
+
+    In training, given labels, the logit of each sample's labelled class y
+    becomes the margin logit
+
+        f_y = (λ·x·w_y + ‖x‖‖w_y‖·ψ(θ)) / (1 + λ),   cos θ = x·w_y / (‖x‖‖w_y‖)
+
+    with ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]; every other
+    logit stays `x @ kernel`. Otherwise (inference, evaluation, or no labels)
+    it returns the plain logits `x @ kernel`, so `predict` needs no labels.
+    Feed its output to a softmax cross-entropy with `from_logits=True`.
+
+    The layer has no bias, as in the paper. λ (`lambda_`) is a float32,
+    non-trainable variable: anneal it with `keras_lsoftmax.LambdaScheduler`,
+    or assign it with `set_lambda`; neither retraces. The math always runs in
+    float32 (float64 for float64 inputs), and the logits come out in that
+    dtype, also under a mixed-precision policy.
+
+    Labels reach the layer either as the `labels` call argument or, inside
+    `keras_lsoftmax.Sequential` / `keras_lsoftmax.Model` training, from the
+    `label_scope` their `train_step` opens.
+
+    Args:
+        units: positive int, the number of classes C.
+        margin: positive int, the paper's m. 1 is plain softmax; the paper
+            uses 2, 3 and 4.
+        initial_lambda: float ≥ 0, the starting λ. 0 is the pure L-Softmax;
+            large values approach plain softmax.
+        normalize_weights: bool. If True, the class weights are scaled to
+            unit norm inside the forward pass (the A-Softmax / SphereFace
+            variant) and the gradient is the exact one through that scaling;
+            the stored kernel is never changed in place.
+        kernel_initializer: initializer for the kernel (D, C).
+        kernel_regularizer: regularizer for the kernel.
+        kernel_constraint: constraint for the kernel.
+        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`,
+            `trainable`, ...).
+
+    Call arguments:
+        inputs: float tensor (B, D), the features.
+        labels: optional labels for the margin, sparse (B,) or (B, 1)
+            integers, or one-hot (B, units).
+        training: bool. The margin applies only when True and labels are
+            known.
+
+    Returns:
+        Logits of shape (B, units).
+
+    Example:
+
+    ```python
+    model = keras_lsoftmax.Sequential([
+        keras.Input((784,)),
+        keras.layers.Dense(128, activation="relu"),
+        keras_lsoftmax.LSoftmaxDense(10, margin=4),
+    ])
+    ```
+
+    Reference:
+        Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional
+        Neural Networks", ICML 2016, https://arxiv.org/abs/1612.02295;
+        Liu et al., "SphereFace", CVPR 2017, https://arxiv.org/abs/1704.08063
+        for `normalize_weights`.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        margin: int = 4,
+        initial_lambda: float = 0.0,
+        normalize_weights: bool = False,
+        kernel_initializer: Any = "glorot_uniform",
+        kernel_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        **kwargs: Any,
+    ):
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(
+                "Received an invalid value for `units`, expected a positive "
+                f"integer. Received: units={units!r}"
+            )
+        ops.check_margin(margin)
+        initial_lambda = _check_lambda_value(initial_lambda, "initial_lambda")
+        if not isinstance(normalize_weights, bool):
+            raise ValueError(
+                "Received an invalid value for `normalize_weights`, expected "
+                f"a bool. Received: normalize_weights={normalize_weights!r}"
+            )
+        # The layer casts for itself: the margin needs float32 even when the
+        # policy computes in float16, and the kernel must not be autocast.
+        kwargs.pop("autocast", None)
+        super().__init__(autocast=False, **kwargs)
+        self.units = units
+        self.margin = margin
+        self.initial_lambda = initial_lambda
+        self.normalize_weights = normalize_weights
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.input_spec = keras.layers.InputSpec(ndim=2)
+        # λ exists before `build` so a scheduler can set it at any time.
+        self.lambda_ = self.add_weight(
+            name="lambda",
+            shape=(),
+            dtype="float32",
+            initializer=keras.initializers.Constant(initial_lambda),
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+        )
+
+    def build(self, input_shape: tuple) -> None:
+        if len(input_shape) != 2 or input_shape[-1] is None:
+            raise ValueError(
+                "LSoftmaxDense expects inputs of shape (batch_size, features) "
+                f"with a known feature size. Received: inputs with shape "
+                f"{tuple(input_shape)}"
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_shape[-1], self.units),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.input_spec = keras.layers.InputSpec(
+            ndim=2, axes={-1: input_shape[-1]}
+        )
+
+    def set_lambda(self, value: float) -> None:
+        """Assigns λ after checking that it is a float ≥ 0."""
+        self.lambda_.assign(_check_lambda_value(value, "value"))
+
+    def call(
+        self, inputs: Any, labels: Any = None, training: bool | None = None
+    ) -> tf.Tensor:
+        kernel = tf.convert_to_tensor(self.kernel)
+        if self.normalize_weights:
+            kernel = tf.math.l2_normalize(kernel, axis=0, epsilon=1e-12)
+        scope = current_label_scope()
+        if labels is None and scope is not None:
+            labels = scope.labels
+        if labels is None:
+            if training:
+                raise ValueError(
+                    f"LSoftmaxDense '{self.name}' was called with "
+                    "training=True but without labels, so it cannot apply "
+                    "the margin. Train it inside keras_lsoftmax.Sequential "
+                    "or keras_lsoftmax.Model (their train_step passes the "
+                    "labels), call it with labels=..., or open a "
+                    "keras_lsoftmax.label_scope(labels) in a custom loop."
+                )
+            return ops.plain_logits(inputs, kernel)
+        labels = self._sparse_labels(labels)
+        margin = self.margin if training else 1
+        outputs, plain_target, cos = ops.margin_logits(
+            inputs, kernel, labels, margin, self.lambda_
+        )
+        if scope is not None:
+            scope.records.append(
+                HeadRecord(self, outputs, labels, plain_target, cos)
+            )
+        return outputs
+
+    def _sparse_labels(self, labels: Any) -> tf.Tensor:
+        labels = tf.convert_to_tensor(labels)
+        shape = labels.shape
+        if shape.rank == 2 and shape[-1] == 1:
+            labels = tf.squeeze(labels, axis=-1)
+        elif shape.rank == 2 and shape[-1] == self.units:
+            return tf.argmax(labels, axis=-1, output_type=tf.int32)
+        elif shape.rank != 1:
+            raise ValueError(
+                f"LSoftmaxDense '{self.name}' expects labels of shape "
+                f"(batch_size,) or (batch_size, 1) with class ids, or "
+                f"(batch_size, {self.units}) one-hot. Received: labels with "
+                f"shape {shape}"
+            )
+        if labels.dtype.is_floating:
+            labels = tf.cast(labels, tf.int32)
+        return labels
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0], self.units)
+
+    def get_config(self) -> dict[str, Any]:
+        config = {
+            "units": self.units,
+            "margin": self.margin,
+            "initial_lambda": self.initial_lambda,
+            "normalize_weights": self.normalize_weights,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "kernel_regularizer": keras.regularizers.serialize(
+                self.kernel_regularizer
+            ),
+            "kernel_constraint": keras.constraints.serialize(
+                self.kernel_constraint
+            ),
+        }
+        return {**super().get_config(), **config}
