@@ -1,7 +1,19 @@
 """Large-Margin Softmax (L-Softmax) for Keras 3 on TensorFlow."""
 
 from keras_lsoftmax import ops
+from keras_lsoftmax.label_scope import label_scope
 from keras_lsoftmax.layers import LSoftmaxDense
+from keras_lsoftmax.models import MarginTrainingMixin
+from keras_lsoftmax.models import Model
+from keras_lsoftmax.models import Sequential
 from keras_lsoftmax.version import __version__
 
-__all__ = ["LSoftmaxDense", "ops", "__version__"]
+__all__ = [
+    "LSoftmaxDense",
+    "MarginTrainingMixin",
+    "Model",
+    "Sequential",
+    "__version__",
+    "label_scope",
+    "ops",
+]

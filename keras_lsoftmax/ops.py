@@ -126,8 +126,9 @@ def margin_logits(
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """`lsoftmax_logits` plus, per sample, the plain target logit and cos θ.
 
-    The two extra outputs (shape (B,)) carry no gradient; the layer uses them
-    for metrics on plain logits and for logging θ.
+    `labels` must already be int32 class ids checked by `check_labels`. The
+    two extra outputs (shape (B,)) carry no gradient; the layer uses them for
+    metrics on plain logits and for logging θ.
     """
     margin = check_margin(margin)
     inputs = tf.convert_to_tensor(inputs)
@@ -147,7 +148,6 @@ def margin_logits(
     dtype = _compute_dtype(inputs.dtype, kernel.dtype)
     inputs = tf.cast(inputs, dtype)
     kernel = tf.cast(kernel, dtype)
-    labels = check_labels(labels, kernel.shape[1])
     lam = _check_lambda(lam, dtype)
     logits, target, cos = _margin_core(inputs, kernel, labels, lam, margin)
     return logits, tf.stop_gradient(target), tf.stop_gradient(cos)
@@ -192,6 +192,8 @@ def lsoftmax_logits(
         Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional
         Neural Networks", ICML 2016, https://arxiv.org/abs/1612.02295
     """
+    kernel = tf.convert_to_tensor(kernel)
+    labels = check_labels(labels, kernel.shape[-1])
     return margin_logits(inputs, kernel, labels, margin, lam)[0]
 
 
