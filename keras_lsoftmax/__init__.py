@@ -1,6 +1,8 @@
 """Large-Margin Softmax (L-Softmax) for Keras 3 on TensorFlow."""
 
 from keras_lsoftmax import ops
+from keras_lsoftmax import schedules
+from keras_lsoftmax.callbacks import LambdaScheduler
 from keras_lsoftmax.label_scope import label_scope
 from keras_lsoftmax.layers import LSoftmaxDense
 from keras_lsoftmax.models import MarginTrainingMixin
@@ -9,6 +11,7 @@ from keras_lsoftmax.models import Sequential
 from keras_lsoftmax.version import __version__
 
 __all__ = [
+    "LambdaScheduler",
     "LSoftmaxDense",
     "MarginTrainingMixin",
     "Model",
@@ -16,4 +19,5 @@ __all__ = [
     "__version__",
     "label_scope",
     "ops",
+    "schedules",
 ]

@@ -1,5 +1,7 @@
 """`LSoftmaxDense`: the class-weight layer of the L-Softmax loss."""
 
+import math
+import numbers
 from typing import Any
 
 import keras
@@ -11,15 +13,11 @@ from keras_lsoftmax.label_scope import current_label_scope
 
 
 def _check_lambda_value(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    valid = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (valid and math.isfinite(value) and value >= 0):
         raise ValueError(
-            f"Received an invalid value for `{name}`, expected a float >= 0. "
-            f"Received: {name}={value!r}"
-        )
-    if not value >= 0:  # also rejects NaN
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a float >= 0. "
-            f"Received: {name}={value!r}"
+            f"Received an invalid value for `{name}`, expected a finite "
+            f"float >= 0. Received: {name}={value!r}"
         )
     return float(value)
 

@@ -1,0 +1,294 @@
+"""`LambdaScheduler`: anneals λ of the `LSoftmaxDense` layers during `fit`."""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_lsoftmax.layers import LSoftmaxDense
+
+_UNITS = ("step", "epoch")
+
+
+class LambdaScheduler(keras.callbacks.Callback):
+    """Sets λ of the model's `LSoftmaxDense` layers from a schedule.
+
+    λ weights the plain logit in the target logit
+    f_y = (λ·x·w_y + ‖x‖‖w_y‖·ψ(θ)) / (1 + λ): a large λ is almost plain
+    softmax, 0 is the full margin. The authors anneal λ from 1000 towards 0
+    (`keras_lsoftmax.schedules.InverseDecay`), which the paper needs to
+    converge beyond MNIST.
+
+    With `unit="step"` the callback sets λ = `schedule(t)` before every
+    training batch, where t = `model.optimizer.iterations + 1` is the
+    1-based global step: the first batch of a run uses t = 1, as in the
+    authors' Caffe code, and after n optimizer steps the last batch used
+    λ = `schedule(n)`. Because `optimizer.iterations` is saved with the model
+    (`.keras` files, `keras.callbacks.BackupAndRestore`), a resumed run
+    continues the schedule exactly. With `unit="epoch"` it sets
+    λ = `schedule(epoch)` at the start of each epoch, with the 0-based epoch
+    index that `fit` reports (as `keras.callbacks.LearningRateScheduler`),
+    so `fit(initial_epoch=...)` continues it too.
+
+    λ is a variable, assigned from the host: changing it never retraces the
+    train function. At the end of each epoch the callback writes the current
+    λ to `logs["lsoftmax_lambda"]`, so it reaches `History` (and
+    `keras.callbacks.TensorBoard` or `CSVLogger` when they come after this
+    callback in the list).
+
+    Notes:
+        - With `compile(steps_per_execution=k)`, `fit` calls the batch hooks
+          once per execution, so λ changes every k steps: the k steps of an
+          execution all use λ at the first of them.
+        - With an optimizer's `gradient_accumulation_steps`, t counts the
+          applied updates (`optimizer.iterations`), not the batches.
+        - The step mode reads `optimizer.iterations` once per execution,
+          which costs one host synchronization.
+        - The schedule may return a Python number, a NumPy value or a scalar
+          tensor; the value must be finite and ≥ 0, otherwise `fit` stops
+          with a `ValueError` and λ keeps its previous value.
+
+    Args:
+        schedule: a `keras_lsoftmax.schedules.LambdaSchedule`, or any
+            callable that takes the step (an int) and returns λ.
+        unit: `"step"` (default) to set λ before each training batch from
+            the global step, or `"epoch"` to set it at the start of each
+            epoch from the epoch index.
+        layer_name: the name of the one `LSoftmaxDense` to drive. By default
+            (None), every `LSoftmaxDense` of the model, nested models and
+            layers included, gets the same λ.
+        verbose: 0 is quiet, 1 prints λ once per epoch.
+
+    Raises:
+        ValueError: when training starts, if the model has no
+            `LSoftmaxDense`, if `layer_name` names none of them, or, with
+            `unit="step"`, if the model has no optimizer; during training,
+            if the schedule returns a value that is not a finite float ≥ 0.
+
+    Example:
+
+    ```python
+    schedule = keras_lsoftmax.schedules.InverseDecay(
+        base=1000.0, gamma=2.5e-5, power=35.0
+    )
+    history = model.fit(
+        x, y, epochs=10,
+        callbacks=[keras_lsoftmax.LambdaScheduler(schedule)],
+    )
+    history.history["lsoftmax_lambda"]  # λ at the end of each epoch
+    ```
+
+    Reference:
+        Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional
+        Neural Networks", ICML 2016, https://arxiv.org/abs/1612.02295.
+    """
+
+    def __init__(
+        self,
+        schedule: Callable[[int], Any],
+        unit: str = "step",
+        layer_name: str | None = None,
+        verbose: int = 0,
+    ):
+        super().__init__()
+        if not callable(schedule):
+            raise ValueError(
+                "Received an invalid value for `schedule`, expected a "
+                "LambdaSchedule or a callable `step -> float`. "
+                f"Received: schedule={schedule!r}"
+            )
+        if unit not in _UNITS:
+            raise ValueError(
+                "Received an invalid value for `unit`, expected one of "
+                f"{_UNITS}. Received: unit={unit!r}"
+            )
+        if layer_name is not None and not isinstance(layer_name, str):
+            raise ValueError(
+                "Received an invalid value for `layer_name`, expected a "
+                f"layer name (str) or None. Received: layer_name={layer_name!r}"
+            )
+        if isinstance(verbose, bool) or verbose not in (0, 1):
+            raise ValueError(
+                "Received an invalid value for `verbose`, expected 0 or 1. "
+                f"Received: verbose={verbose!r}"
+            )
+        self.schedule = schedule
+        self.unit = unit
+        self.layer_name = layer_name
+        self.verbose = verbose
+        self._layers: list[LSoftmaxDense] | None = None
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        self._layers = None  # found again for the new model
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._target_layers()
+        if self.unit == "step":
+            self._optimizer()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self.unit != "epoch":
+            return
+        value = self._set_lambda(epoch)
+        if self.verbose:
+            print(
+                f"\nEpoch {epoch + 1}: LambdaScheduler setting lambda to "
+                f"{value:.6g}."
+            )
+
+    def on_train_batch_begin(
+        self, batch: int, logs: dict | None = None
+    ) -> None:
+        if self.unit != "step":
+            return
+        self._set_lambda(self._global_step() + 1)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = self._current_lambda()
+        if logs is not None:
+            logs["lsoftmax_lambda"] = value
+        if self.verbose and self.unit == "step":
+            print(
+                f"\nEpoch {epoch + 1}: LambdaScheduler lambda is {value:.6g} "
+                f"(step {self._global_step()})."
+            )
+
+    def _target_layers(self) -> list[LSoftmaxDense]:
+        """The `LSoftmaxDense` layers this callback drives (cached)."""
+        if self._layers is not None:
+            return self._layers
+        if self.model is None:
+            raise ValueError(
+                "LambdaScheduler has no model: use it in `model.fit(..., "
+                "callbacks=[...])` or call `set_model(model)` first."
+            )
+        found = find_lsoftmax_layers(self.model)
+        if not found:
+            raise ValueError(
+                f"LambdaScheduler found no LSoftmaxDense layer in model "
+                f"'{self.model.name}', so it has no λ to schedule."
+            )
+        if self.layer_name is not None:
+            names = [layer.name for layer in found]
+            selected = [
+                layer for layer in found if layer.name == self.layer_name
+            ]
+            if not selected:
+                raise ValueError(
+                    f"LambdaScheduler: no LSoftmaxDense layer named "
+                    f"'{self.layer_name}' in model '{self.model.name}'. "
+                    f"Available LSoftmaxDense layers: {names}"
+                )
+            if len(selected) > 1:
+                raise ValueError(
+                    f"LambdaScheduler: {len(selected)} LSoftmaxDense layers "
+                    f"are named '{self.layer_name}' in model "
+                    f"'{self.model.name}' (in nested models); give them "
+                    f"unique names. Available LSoftmaxDense layers: {names}"
+                )
+            found = selected
+        self._layers = found
+        return found
+
+    def _optimizer(self) -> Any:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError(
+                "LambdaScheduler(unit='step') reads the step from "
+                "`model.optimizer.iterations`, but the model has no "
+                "optimizer: compile it first."
+            )
+        return optimizer
+
+    def _global_step(self) -> int:
+        """The number of optimizer steps taken so far."""
+        iterations = self._optimizer().iterations
+        return int(np.asarray(iterations))
+
+    def _set_lambda(self, at: int) -> float:
+        """Evaluates the schedule at `at`, checks it, assigns it; returns it."""
+        value = self._checked_value(self.schedule(at), at)
+        for layer in self._target_layers():
+            layer.set_lambda(value)
+        return value
+
+    def _checked_value(self, raw: Any, at: int) -> float:
+        message = (
+            f"The λ schedule {self.schedule!r} returned {raw!r} at "
+            f"{self.unit} {at}; λ must be a finite float >= 0. λ was left "
+            "unchanged."
+        )
+        if isinstance(raw, (bool, np.bool_)):
+            raise ValueError(message)
+        try:
+            array = np.asarray(raw)
+        except Exception as error:  # anything that is not a number
+            raise ValueError(message) from error
+        if array.size != 1 or array.dtype.kind not in "iuf":
+            raise ValueError(message)
+        value = float(array.reshape(()))
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(message)
+        return value
+
+    def _current_lambda(self) -> float:
+        layer = self._target_layers()[0]
+        return float(np.asarray(layer.lambda_))
+
+
+def find_lsoftmax_layers(root: Any) -> list[LSoftmaxDense]:
+    """Every `LSoftmaxDense` in `root`, found recursively, in layer order.
+
+    Models are walked through their public `layers` list; other layers
+    through the layers held in their attributes (directly or in lists,
+    tuples and dicts). Each layer is listed once, even if shared.
+
+    Args:
+        root: a `keras.Model` or `keras.layers.Layer`.
+
+    Returns:
+        The list of `LSoftmaxDense` layers (`root` itself if it is one).
+    """
+    found: list[LSoftmaxDense] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, LSoftmaxDense):
+            found.append(obj)
+            return
+        for child in _child_layers(obj):
+            visit(child)
+
+    visit(root)
+    return found
+
+
+def _child_layers(obj: Any) -> list[keras.layers.Layer]:
+    if isinstance(obj, keras.Model):
+        return list(obj.layers)
+    children: list[keras.layers.Layer] = []
+    seen_containers: set[int] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, keras.layers.Layer):
+            children.append(value)
+        elif isinstance(value, (list, tuple, dict)):
+            if id(value) in seen_containers:
+                return
+            seen_containers.add(id(value))
+            items = value.values() if isinstance(value, dict) else value
+            for item in items:
+                collect(item)
+
+    for value in vars(obj).values():
+        collect(value)
+    return children
+
+
+__all__ = ["LambdaScheduler", "find_lsoftmax_layers"]

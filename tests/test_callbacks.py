@@ -1,0 +1,436 @@
+"""Tests of `keras_lsoftmax.LambdaScheduler` in real `fit` runs."""
+
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lsoftmax
+from keras_lsoftmax import LSoftmaxDense
+from keras_lsoftmax import schedules
+from keras_lsoftmax.callbacks import LambdaScheduler
+from keras_lsoftmax.callbacks import find_lsoftmax_layers
+
+D, C = 6, 3  # features, classes
+N, BATCH = 32, 8  # 4 steps per epoch
+STEPS_PER_EPOCH = N // BATCH
+
+# Moves every step, so an off-by-one step shows.
+FAST = schedules.InverseDecay(1000.0, 0.05, 1.0)
+
+# Python side effect of `call`: runs once per trace, not per step.
+TRACES = {"count": 0}
+
+
+class TraceCounter(keras.layers.Layer):
+    """Identity layer that counts how often its `call` runs."""
+
+    def call(self, inputs):
+        TRACES["count"] += 1
+        return inputs
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, D)).astype("float32")
+    y = rng.integers(0, C, size=N).astype("int32")
+    return x, y
+
+
+def _model(steps_per_execution=1, head_name="head", counter=False):
+    layers = [keras.Input((D,)), keras.layers.Dense(8, activation="relu")]
+    if counter:
+        layers.append(TraceCounter())
+    layers.append(
+        LSoftmaxDense(C, margin=2, initial_lambda=1.0, name=head_name)
+    )
+    model = keras_lsoftmax.Sequential(layers)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=steps_per_execution,
+        jit_compile=False,
+    )
+    return model
+
+
+def _lam(layer):
+    return float(np.asarray(layer.lambda_))
+
+
+def _f32(value):
+    return float(np.float32(value))
+
+
+class Probe(keras.callbacks.Callback):
+    """Records λ and the optimizer step after each batch and epoch."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.batches = []
+        self.epochs = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(np.asarray(self.model.optimizer.iterations))
+        self.batches.append((step, _lam(self.layer)))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append((TRACES["count"], _lam(self.layer)))
+
+
+def test_step_mode_follows_the_optimizer_step():
+    model = _model()
+    head = model.get_layer("head")
+    probe = Probe(head)
+    x, y = _data()
+    history = model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[LambdaScheduler(FAST), probe],
+    )
+    n = 2 * STEPS_PER_EPOCH
+    assert int(model.optimizer.iterations) == n
+    # Batch k (1-based) ran with λ = schedule(k): the first step uses t = 1.
+    assert probe.batches == [(k, _f32(FAST(k))) for k in range(1, n + 1)]
+    assert _lam(head) == _f32(FAST(n))
+    assert history.history["lsoftmax_lambda"] == pytest.approx(
+        [float(FAST(STEPS_PER_EPOCH)), float(FAST(n))], rel=1e-6
+    )
+
+
+def test_lambda_changes_do_not_retrace():
+    model = _model(counter=True)
+    head = model.get_layer("head")
+    probe = Probe(head)
+    x, y = _data()
+    TRACES["count"] = 0
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[LambdaScheduler(FAST), probe],
+    )
+    counts = [count for count, _ in probe.epochs]
+    lambdas = [lam for _, lam in probe.epochs]
+    assert counts[0] >= 1
+    assert counts == [counts[0]] * 3, counts
+    assert len(set(lam for _, lam in probe.batches)) == 3 * STEPS_PER_EPOCH
+    assert lambdas[-1] == _f32(FAST(3 * STEPS_PER_EPOCH))
+
+
+def test_python_callable_and_steps_per_execution():
+    calls = []
+
+    def schedule(step):
+        calls.append(step)
+        return 100.0 / step
+
+    model = _model(steps_per_execution=2)
+    head = model.get_layer("head")
+    x, y = _data()
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[LambdaScheduler(schedule)],
+    )
+    # 4 steps in 2 executions: λ is set before each execution only.
+    assert calls == [1, 3]
+    assert int(model.optimizer.iterations) == 4
+    assert _lam(head) == _f32(100.0 / 3)
+
+
+def test_epoch_mode(capsys):
+    model = _model()
+    head = model.get_layer("head")
+    x, y = _data()
+    schedule = schedules.ExponentialDecay(8.0, 0.5)
+    history = model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=3,
+        verbose=0,
+        callbacks=[LambdaScheduler(schedule, unit="epoch", verbose=1)],
+    )
+    assert history.history["lsoftmax_lambda"] == [8.0, 4.0, 2.0]
+    assert _lam(head) == 2.0
+    out = capsys.readouterr().out
+    assert "Epoch 1: LambdaScheduler setting lambda to 8." in out
+    assert "Epoch 3: LambdaScheduler setting lambda to 2." in out
+
+
+def test_step_mode_verbose(capsys):
+    model = _model()
+    x, y = _data()
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=1,
+        verbose=0,
+        callbacks=[LambdaScheduler(FAST, verbose=1)],
+    )
+    expected = f"{float(FAST(STEPS_PER_EPOCH)):.6g}"
+    assert (
+        f"Epoch 1: LambdaScheduler lambda is {expected} (step 4)."
+        in capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize("unit", ["step", "epoch"])
+def test_resume_from_keras_file_continues_the_schedule(tmp_path, unit):
+    x, y = _data()
+    fit_args = dict(batch_size=BATCH, shuffle=False, verbose=0)
+
+    uninterrupted = _model()
+    uninterrupted.fit(
+        x, y, epochs=2, callbacks=[LambdaScheduler(FAST, unit=unit)], **fit_args
+    )
+    expected = _lam(uninterrupted.get_layer("head"))
+
+    first = _model()
+    first.fit(
+        x, y, epochs=1, callbacks=[LambdaScheduler(FAST, unit=unit)], **fit_args
+    )
+    path = os.path.join(tmp_path, "model.keras")
+    first.save(path)
+    resumed = keras.saving.load_model(path)
+    assert int(resumed.optimizer.iterations) == STEPS_PER_EPOCH
+    history = resumed.fit(
+        x,
+        y,
+        epochs=2,
+        initial_epoch=1,
+        callbacks=[LambdaScheduler(FAST, unit=unit)],
+        **fit_args,
+    )
+    head = resumed.get_layer("head")
+    assert int(resumed.optimizer.iterations) == 2 * STEPS_PER_EPOCH
+    assert _lam(head) == expected
+    at = 2 * STEPS_PER_EPOCH if unit == "step" else 1
+    assert expected == _f32(FAST(at))
+    assert history.history["lsoftmax_lambda"] == [expected]
+
+
+def test_resume_with_backup_and_restore(tmp_path):
+    x, y = _data()
+    fit_args = dict(batch_size=BATCH, shuffle=False, verbose=0, epochs=3)
+    backup_dir = os.path.join(tmp_path, "backup")
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _model().fit(
+            x,
+            y,
+            callbacks=[
+                keras.callbacks.BackupAndRestore(backup_dir),
+                LambdaScheduler(FAST),
+                Interrupt(),
+            ],
+            **fit_args,
+        )
+    model = _model()
+    history = model.fit(
+        x,
+        y,
+        callbacks=[
+            keras.callbacks.BackupAndRestore(backup_dir),
+            LambdaScheduler(FAST),
+        ],
+        **fit_args,
+    )
+    n = 3 * STEPS_PER_EPOCH
+    assert int(model.optimizer.iterations) == n
+    assert _lam(model.get_layer("head")) == _f32(FAST(n))
+    assert history.history["lsoftmax_lambda"] == [_f32(FAST(n))]
+
+
+def test_bad_schedule_value_stops_fit_and_is_not_assigned():
+    def schedule(step):
+        return 10.0 / step if step < 3 else -1.0
+
+    model = _model()
+    head = model.get_layer("head")
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"returned -1.0 at step 3"):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=1,
+            verbose=0,
+            callbacks=[LambdaScheduler(schedule)],
+        )
+    assert int(model.optimizer.iterations) == 2
+    assert _lam(head) == 5.0
+
+
+# The remaining tests drive the callback's hooks directly: no training.
+
+
+class Holder(keras.layers.Layer):
+    """A plain layer that keeps an `LSoftmaxDense` in a list attribute."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [keras.layers.Dense(4), LSoftmaxDense(C, name="held")]
+
+    def call(self, inputs):
+        return self.blocks[1](self.blocks[0](inputs))
+
+
+def _nested_model():
+    inner = keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(4),
+            LSoftmaxDense(C, initial_lambda=1.0, name="inner_head"),
+        ],
+        name="inner",
+    )
+    inputs = keras.Input((D,))
+    hidden = inner(inputs)
+    outputs = LSoftmaxDense(C, initial_lambda=1.0, name="outer_head")(hidden)
+    held = Holder(name="holder")(inputs)
+    model = keras_lsoftmax.Model(inputs, [outputs, held])
+    model.compile(optimizer="sgd")
+    return model
+
+
+def _start(callback, model):
+    callback.set_model(model)
+    callback.on_train_begin()
+    return callback
+
+
+def test_finds_nested_layers():
+    model = _nested_model()
+    names = [layer.name for layer in find_lsoftmax_layers(model)]
+    assert sorted(names) == ["held", "inner_head", "outer_head"]
+    callback = _start(LambdaScheduler(schedules.Constant(7.0)), model)
+    callback.on_train_batch_begin(0)
+    heads = find_lsoftmax_layers(model)
+    assert [_lam(layer) for layer in heads] == [7.0] * 3
+
+
+def test_step_mode_uses_iterations_plus_one():
+    model = _nested_model()
+    model.optimizer.iterations.assign(41)
+    callback = _start(LambdaScheduler(FAST), model)
+    callback.on_train_batch_begin(0)
+    head = model.get_layer("outer_head")
+    assert _lam(head) == _f32(FAST(42))
+    logs = {}
+    callback.on_epoch_end(0, logs)
+    assert logs == {"lsoftmax_lambda": _f32(FAST(42))}
+
+
+def test_layer_name_selects_one_layer():
+    model = _nested_model()
+    callback = _start(
+        LambdaScheduler(
+            schedules.Constant(7.0), unit="epoch", layer_name="inner_head"
+        ),
+        model,
+    )
+    callback.on_epoch_begin(0)
+    lambdas = {layer.name: _lam(layer) for layer in find_lsoftmax_layers(model)}
+    assert lambdas == {"inner_head": 7.0, "outer_head": 1.0, "held": 0.0}
+
+
+def test_unknown_layer_name():
+    callback = LambdaScheduler(FAST, layer_name="nope")
+    with pytest.raises(
+        ValueError,
+        match=r"no LSoftmaxDense layer named 'nope'.*"
+        r"Available LSoftmaxDense layers: \['.*'\]",
+    ) as info:
+        _start(callback, _nested_model())
+    for name in ("inner_head", "outer_head", "held"):
+        assert f"'{name}'" in str(info.value)
+
+
+def test_model_without_lsoftmax_layer():
+    model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(C)])
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="found no LSoftmaxDense layer"):
+        _start(LambdaScheduler(FAST), model)
+    x, y = _data()
+    with pytest.raises(ValueError, match="found no LSoftmaxDense layer"):
+        model.fit(
+            x, np.zeros((N, C)), verbose=0, callbacks=[LambdaScheduler(FAST)]
+        )
+
+
+def test_step_mode_needs_an_optimizer():
+    model = keras.Sequential([keras.Input((D,)), LSoftmaxDense(C)])
+    with pytest.raises(ValueError, match="has no optimizer"):
+        _start(LambdaScheduler(FAST), model)
+    # The epoch mode does not read the step.
+    callback = _start(LambdaScheduler(FAST, unit="epoch"), model)
+    callback.on_epoch_begin(0)
+    assert _lam(model.layers[-1]) == 1000.0
+
+
+@pytest.mark.parametrize(
+    "output",
+    [-1.0, math.nan, math.inf, -math.inf, None, "1.0", True, [1.0, 2.0]],
+    ids=repr,
+)
+def test_invalid_schedule_output(output):
+    model = _nested_model()
+    callback = _start(LambdaScheduler(lambda step: output), model)
+    with pytest.raises(ValueError, match=r"schedule .* returned .* at step 1"):
+        callback.on_train_batch_begin(0)
+    assert _lam(model.get_layer("outer_head")) == 1.0
+
+
+@pytest.mark.parametrize(
+    "output", [3, 3.0, np.float64(3.0), np.int32(3), np.array([3.0])], ids=repr
+)
+def test_accepted_schedule_outputs(output):
+    model = _nested_model()
+    callback = _start(LambdaScheduler(lambda step: output), model)
+    callback.on_train_batch_begin(0)
+    assert _lam(model.get_layer("outer_head")) == 3.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"schedule": 3.0}, "schedule"),
+        ({"unit": "batch"}, "unit"),
+        ({"layer_name": 3}, "layer_name"),
+        ({"verbose": 2}, "verbose"),
+        ({"verbose": True}, "verbose"),
+    ],
+)
+def test_invalid_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=rf"`{name}`.*Received: {name}="):
+        LambdaScheduler(**{"schedule": FAST, **kwargs})
+
+
+def test_set_model_forgets_the_previous_model():
+    callback = _start(LambdaScheduler(schedules.Constant(2.0)), _nested_model())
+    other = _model()
+    _start(callback, other)
+    callback.on_train_batch_begin(0)
+    assert _lam(other.get_layer("head")) == 2.0
