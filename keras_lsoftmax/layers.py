@@ -177,7 +177,9 @@ class LSoftmaxDense(keras.layers.Layer):
                     "keras_lsoftmax.label_scope(labels) in a custom loop."
                 )
             return ops.plain_logits(inputs, kernel)
-        labels = ops.check_labels(self._sparse_labels(labels), self.units)
+        labels = ops.check_labels(
+            self._sparse_labels(labels), self.units, inputs
+        )
         margin = self.margin if training else 1
         outputs, plain_target, cos = ops.margin_logits(
             inputs, kernel, labels, margin, self.lambda_

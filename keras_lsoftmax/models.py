@@ -1,6 +1,7 @@
 """Margin-aware `Sequential` and `Model`: `fit` hands the labels to the head."""
 
 import math
+import warnings
 from typing import Any
 
 import keras
@@ -95,6 +96,13 @@ def _plain_predictions(y_pred: Any, record: HeadRecord) -> Any:
     # O(B) scatter, not a second forward pass. Only possible when the head's
     # output is the model's output.
     if y_pred is not record.outputs:
+        warnings.warn(
+            f"The output of LSoftmaxDense '{record.layer.name}' is not the "
+            "model's output, so the training metrics are computed on the "
+            "model's output, which the margin has changed; evaluate() "
+            "gives the plain-logit metrics.",
+            stacklevel=3,
+        )
         return y_pred
     index = ops.target_index(record.labels)
     return tf.tensor_scatter_nd_update(y_pred, index, record.plain_target)
@@ -147,3 +155,48 @@ class Model(MarginTrainingMixin, keras.Model):
     model = keras_lsoftmax.Model(inputs, logits)
     ```
     """
+
+    # keras.Model makes a functional model by rewriting the bases of the
+    # instance's class and of every class above it up to keras.Model, which
+    # would turn this class functional for good and break its subclassed
+    # use. Functional instances get their own class instead.
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Model":
+        if _functional_arguments(args, kwargs):
+            cls = _functional_variant(cls)
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        if _functional_arguments(args, kwargs):
+            _functional_variant(type(self))
+        super().__init__(*args, **kwargs)
+
+
+def _functional_arguments(args: tuple, kwargs: dict) -> bool:
+    # The test keras.Model uses to tell Model(inputs, outputs) apart.
+    return (
+        len(args) == 2
+        or (len(args) == 1 and "outputs" in kwargs)
+        or ("inputs" in kwargs and "outputs" in kwargs)
+    )
+
+
+def _keras_functional_class() -> type:
+    # Keras does not export its functional model class; a keras.Model built
+    # from inputs and outputs is an instance of it.
+    inputs = keras.Input((1,))
+    return type(keras.Model(inputs, inputs))
+
+
+@keras.saving.register_keras_serializable(package="keras_lsoftmax")
+class FunctionalModel(Model, _keras_functional_class()):
+    """The class of `keras_lsoftmax.Model(inputs, outputs)` instances."""
+
+
+def _functional_variant(cls: type) -> type:
+    """`cls` with `Model` replaced by `FunctionalModel` among its bases."""
+    if cls is Model:
+        return FunctionalModel
+    if not issubclass(cls, Model) or issubclass(cls, FunctionalModel):
+        return cls
+    cls.__bases__ = tuple(_functional_variant(base) for base in cls.__bases__)
+    return cls

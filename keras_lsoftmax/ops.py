@@ -81,10 +81,13 @@ def _check_lambda(lam: Any, dtype: tf.DType) -> tf.Tensor:
     return lam
 
 
-def check_labels(labels: Any, num_classes: int) -> tf.Tensor:
+def check_labels(
+    labels: Any, num_classes: int, inputs: Any = None
+) -> tf.Tensor:
     """Validates sparse labels of shape (B,) and returns them as int32.
 
-    The range check runs in eager and graph mode. Under XLA
+    The range check (and, given `inputs`, the check that there is one label
+    per row of `inputs`) runs in eager and graph mode. Under XLA
     (`jit_compile=True`) assertions are compiled away, so labels outside
     [0, num_classes) are not reported there (XLA clamps the gather).
     """
@@ -109,8 +112,24 @@ def check_labels(labels: Any, num_classes: int) -> tf.Tensor:
             message=f"Expected `labels` in [0, {num_classes}).",
         ),
     ]
+    if inputs is not None:
+        inputs = tf.convert_to_tensor(inputs)
+        if not labels.shape.is_compatible_with(inputs.shape[:1]):
+            raise ValueError(
+                "Expected `labels` to hold one label per row of `inputs`. "
+                f"Received: labels with shape {labels.shape}, inputs with "
+                f"shape {inputs.shape}"
+            )
+        checks.append(
+            tf.debugging.assert_equal(
+                tf.shape(labels)[0],
+                tf.shape(inputs)[0],
+                message="Expected `labels` to hold one label per input row.",
+            )
+        )
     with tf.control_dependencies(checks):
-        return tf.cast(labels, tf.int32)
+        # identity: a same-dtype cast creates no op to hang the checks on.
+        return tf.identity(tf.cast(labels, tf.int32))
 
 
 def plain_logits(inputs: Any, kernel: Any) -> tf.Tensor:
@@ -193,7 +212,7 @@ def lsoftmax_logits(
         Neural Networks", ICML 2016, https://arxiv.org/abs/1612.02295
     """
     kernel = tf.convert_to_tensor(kernel)
-    labels = check_labels(labels, kernel.shape[-1])
+    labels = check_labels(labels, kernel.shape[-1], inputs)
     return margin_logits(inputs, kernel, labels, margin, lam)[0]
 
 

@@ -1,0 +1,91 @@
+"""Tests of `keras_lsoftmax.label_scope`: which labels a layer call sees."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import keras_lsoftmax
+from keras_lsoftmax import LSoftmaxDense
+from keras_lsoftmax.label_scope import current_label_scope
+
+label_scope = keras_lsoftmax.label_scope
+
+B, D, UNITS = 4, 3, 3
+LABELS = np.array([0, 1, 2, 0])
+OTHER = np.array([2, 2, 1, 1])
+
+
+@pytest.fixture
+def layer():
+    layer = LSoftmaxDense(UNITS, margin=4)
+    layer.build((None, D))
+    return layer
+
+
+@pytest.fixture
+def x():
+    return np.random.default_rng(0).standard_normal((B, D)).astype(np.float32)
+
+
+def test_scope_is_open_only_inside_the_block():
+    assert current_label_scope() is None
+    with label_scope(LABELS) as scope:
+        assert current_label_scope() is scope
+    assert current_label_scope() is None
+
+
+def test_scope_closes_on_error():
+    with pytest.raises(RuntimeError):
+        with label_scope(LABELS):
+            raise RuntimeError("boom")
+    assert current_label_scope() is None
+
+
+def test_none_labels_rejected():
+    with pytest.raises(ValueError, match="labels"):
+        label_scope(None)
+
+
+def test_innermost_scope_wins(layer, x):
+    with label_scope(OTHER) as outer:
+        with label_scope(LABELS) as inner:
+            out = layer(x, training=True)
+        assert current_label_scope() is outer
+    np.testing.assert_array_equal(out, layer(x, labels=LABELS, training=True))
+    assert len(inner.records) == 1 and outer.records == []
+
+
+def test_explicit_labels_take_precedence(layer, x):
+    with label_scope(OTHER) as scope:
+        out = layer(x, labels=LABELS, training=True)
+    np.testing.assert_array_equal(out, layer(x, labels=LABELS, training=True))
+    np.testing.assert_array_equal(scope.records[0].labels, LABELS)
+
+
+def test_inference_inside_scope_gives_plain_logits(layer, x):
+    with label_scope(LABELS) as scope:
+        out = layer(x, training=False)
+    np.testing.assert_allclose(out, x @ layer.kernel.numpy(), rtol=1e-6, atol=1e-6)
+    # Evaluation still records (plain) targets and cos θ for metrics.
+    assert len(scope.records) == 1
+
+
+def test_one_record_per_call(layer, x):
+    with label_scope(LABELS) as scope:
+        layer(x, training=True)
+        layer(x, training=True)
+    assert len(scope.records) == 2
+
+
+def test_scope_is_thread_local(layer, x):
+    seen = {}
+
+    def worker():
+        seen["scope"] = current_label_scope()
+
+    with label_scope(LABELS):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+    assert seen["scope"] is None

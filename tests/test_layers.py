@@ -1,0 +1,415 @@
+"""Tests of `keras_lsoftmax.LSoftmaxDense`.
+
+Covers constructor validation, the weights, plain versus margin logits, label
+formats, λ handling under `tf.function`, serialization, normalized weights
+(with a finite-difference check of the kernel gradient), mixed precision and
+labels handed over by `keras_lsoftmax.label_scope`.
+"""
+
+import json
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_lsoftmax
+from keras_lsoftmax import LSoftmaxDense
+from keras_lsoftmax import ops
+from tests import numpy_reference as ref
+
+B, D, UNITS = 6, 4, 3
+# Repeated labels, every class present.
+LABELS = np.array([0, 2, 1, 0, 2, 0])
+
+
+def _inputs(seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal((B, D)).astype(dtype)
+
+
+def _layer(**kwargs):
+    layer = LSoftmaxDense(UNITS, **kwargs)
+    layer.build((None, D))
+    return layer
+
+
+def _kernel(layer):
+    return layer.kernel.numpy()
+
+
+def _unit_columns(w):
+    return w / np.linalg.norm(w, axis=0, keepdims=True)
+
+
+# ------------------------------------------------------------ constructor
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("units", 0),
+        ("units", -2),
+        ("units", 2.5),
+        ("units", True),
+        ("units", "3"),
+        ("units", None),
+        ("margin", 0),
+        ("margin", -1),
+        ("margin", 2.5),
+        ("margin", True),
+        ("margin", "4"),
+        ("initial_lambda", -1.0),
+        ("initial_lambda", float("nan")),
+        ("initial_lambda", "1"),
+        ("initial_lambda", True),
+        ("normalize_weights", 1),
+        ("normalize_weights", "yes"),
+        ("normalize_weights", None),
+    ],
+)
+def test_constructor_rejects_invalid_arguments(name, value):
+    kwargs = {"units": UNITS, name: value}
+    # The message names the argument and repeats the value received.
+    with pytest.raises(ValueError, match=re.escape(f"{name}={value!r}")):
+        LSoftmaxDense(**kwargs)
+
+
+def test_weights():
+    layer = _layer(margin=2, initial_lambda=2.5)
+    assert layer.trainable_weights == [layer.kernel]
+    assert layer.non_trainable_weights == [layer.lambda_]
+    assert len(layer.weights) == 2
+    assert tuple(layer.kernel.shape) == (D, UNITS)
+    assert layer.kernel.dtype == "float32"
+    assert tuple(layer.lambda_.shape) == ()
+    assert layer.lambda_.dtype == "float32"
+    assert not layer.lambda_.trainable
+    assert layer.lambda_.numpy() == 2.5
+
+
+def test_lambda_exists_before_build():
+    # A scheduler may set λ before the first call builds the layer.
+    layer = LSoftmaxDense(UNITS, initial_lambda=7.0)
+    assert layer.lambda_.numpy() == 7.0
+    layer.set_lambda(3.0)
+    assert layer.lambda_.numpy() == 3.0
+
+
+# ------------------------------------------------------------------- call
+
+
+def test_plain_logits_without_labels_or_outside_training():
+    layer = _layer(margin=4)
+    x = _inputs()
+    plain = x @ _kernel(layer)
+    for out in (
+        layer(x),
+        layer(x, training=None),
+        layer(x, labels=LABELS),
+        layer(x, labels=LABELS, training=False),
+    ):
+        assert out.dtype == "float32"
+        np.testing.assert_allclose(out, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+@pytest.mark.parametrize("margin", [1, 2, 4])
+def test_margin_logits_in_training(margin, lam):
+    layer = _layer(margin=margin, initial_lambda=lam)
+    x = _inputs(margin)
+    out = layer(x, labels=LABELS, training=True)
+    expected = ops.lsoftmax_logits(x, _kernel(layer), LABELS, margin, lam)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    # ... and the margin is really there (except for m = 1).
+    reference = ref.lsoftmax_ref(x, _kernel(layer), LABELS, margin, lam)
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+    rows = np.arange(B)
+    changed = out.numpy()[rows, LABELS] != (x @ _kernel(layer))[rows, LABELS]
+    assert changed.all() == (margin > 1)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        LABELS.astype(np.int32),
+        LABELS.astype(np.int64),
+        LABELS.astype(np.int32)[:, None],
+        LABELS.astype(np.int64)[:, None],
+        np.eye(UNITS, dtype=np.float32)[LABELS],
+        np.eye(UNITS, dtype=np.int32)[LABELS],
+        tf.constant(LABELS, tf.int64),
+    ],
+    ids=[
+        "B-int32",
+        "B-int64",
+        "B1-int32",
+        "B1-int64",
+        "onehot-f32",
+        "onehot-int32",
+        "tensor-int64",
+    ],
+)
+def test_label_formats_give_identical_outputs(labels):
+    layer = _layer(margin=3)
+    x = _inputs()
+    expected = layer(x, labels=LABELS.astype(np.int32), training=True)
+    np.testing.assert_array_equal(layer(x, labels=labels, training=True), expected)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(B, 2), (B, UNITS + 1), (B, 1, 1), (B, UNITS, 1), ()],
+)
+def test_labels_of_wrong_shape(shape):
+    layer = _layer(margin=2)
+    with pytest.raises(ValueError, match="labels"):
+        layer(_inputs(), labels=np.zeros(shape, np.int32), training=True)
+
+
+def test_training_without_labels_points_to_sequential():
+    layer = _layer(margin=2)
+    with pytest.raises(ValueError, match=r"keras_lsoftmax\.Sequential"):
+        layer(_inputs(), training=True)
+
+
+def test_rejects_inputs_of_wrong_rank():
+    with pytest.raises(ValueError):
+        LSoftmaxDense(UNITS)(np.zeros((2, 3, 4), np.float32))
+
+
+# --------------------------------------------------------------------- λ
+
+
+@pytest.mark.parametrize("value", [0, 0.25, 3, 1000.0, np.float32(2.0)])
+def test_set_lambda(value):
+    layer = _layer()
+    layer.set_lambda(value)
+    assert layer.lambda_.numpy() == np.float32(value)
+
+
+@pytest.mark.parametrize("value", [-1.0, -1e-9, float("nan"), "1", True])
+def test_set_lambda_rejects_invalid_values(value):
+    layer = _layer(initial_lambda=0.5)
+    with pytest.raises(ValueError, match=r">= 0"):
+        layer.set_lambda(value)
+    assert layer.lambda_.numpy() == 0.5
+
+
+def test_lambda_changes_do_not_retrace():
+    layer = _layer(margin=4)
+    x, kernel = _inputs(), _kernel(layer)
+
+    @tf.function
+    def forward(x, labels):
+        return layer(x, labels=labels, training=True)
+
+    @tf.function
+    def assign_and_forward(x, labels, lam):
+        layer.lambda_.assign(lam)
+        return layer(x, labels=labels, training=True)
+
+    first = forward(x, LABELS)
+    layer.set_lambda(5.0)
+    second = forward(x, LABELS)
+    assert forward.experimental_get_tracing_count() == 1
+    # The new λ is read at run time, not frozen into the trace.
+    assert not np.allclose(first, second)
+    np.testing.assert_allclose(
+        second, ops.lsoftmax_logits(x, kernel, LABELS, 4, 5.0), rtol=1e-6, atol=1e-6
+    )
+    for lam in (0.0, 2.0, 10.0):
+        out = assign_and_forward(x, LABELS, tf.constant(lam))
+        np.testing.assert_allclose(
+            out, ops.lsoftmax_logits(x, kernel, LABELS, 4, lam), rtol=1e-6, atol=1e-6
+        )
+    assert assign_and_forward.experimental_get_tracing_count() == 1
+    assert layer.lambda_.numpy() == 10.0
+
+
+# ---------------------------------------------------------- serialization
+
+
+def _custom_layer():
+    return _layer(
+        margin=3,
+        initial_lambda=2.5,
+        normalize_weights=True,
+        kernel_initializer="he_normal",
+        kernel_regularizer=keras.regularizers.L2(1e-3),
+        kernel_constraint=keras.constraints.MaxNorm(3.0),
+        name="head",
+    )
+
+
+def test_config_round_trip():
+    layer = _custom_layer()
+    layer.set_lambda(0.75)
+    config = json.loads(json.dumps(layer.get_config()))
+    clone = LSoftmaxDense.from_config(config)
+    for attr in ("units", "margin", "initial_lambda", "normalize_weights", "name"):
+        assert getattr(clone, attr) == getattr(layer, attr)
+    assert isinstance(clone.kernel_initializer, keras.initializers.HeNormal)
+    assert clone.kernel_regularizer.get_config() == {"l2": pytest.approx(1e-3)}
+    assert isinstance(clone.kernel_constraint, keras.constraints.MaxNorm)
+    clone.build((None, D))
+    clone.set_weights(layer.get_weights())
+    assert clone.lambda_.numpy() == 0.75
+    x = _inputs()
+    np.testing.assert_array_equal(clone(x), layer(x))
+    np.testing.assert_array_equal(
+        clone(x, labels=LABELS, training=True), layer(x, labels=LABELS, training=True)
+    )
+
+
+def test_keras_serialize_finds_registered_class():
+    assert (
+        keras.saving.get_registered_object("keras_lsoftmax>LSoftmaxDense")
+        is LSoftmaxDense
+    )
+    layer = _custom_layer()
+    serialized = json.loads(json.dumps(keras.layers.serialize(layer)))
+    assert serialized["registered_name"] == "keras_lsoftmax>LSoftmaxDense"
+    restored = keras.layers.deserialize(serialized)
+    assert type(restored) is LSoftmaxDense
+    assert restored.get_config() == layer.get_config()
+
+
+# ------------------------------------------------------- normalized weights
+
+
+def test_normalized_weights_forward():
+    layer = _layer(margin=4, initial_lambda=0.5, normalize_weights=True)
+    # Unequal column norms, so that normalising matters.
+    layer.kernel.assign(_kernel(layer) * np.array([0.1, 1.0, 5.0], np.float32))
+    x = _inputs()
+    w_hat = _unit_columns(_kernel(layer))
+    np.testing.assert_allclose(layer(x), x @ w_hat, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer(x, labels=LABELS, training=True),
+        ops.lsoftmax_logits(x, w_hat, LABELS, 4, 0.5),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # The stored kernel is never normalised in place.
+    assert not np.allclose(np.linalg.norm(_kernel(layer), axis=0), 1.0)
+
+
+@pytest.mark.parametrize("margin", [2, 4])
+def test_normalized_weights_kernel_gradient(margin):
+    rng = np.random.default_rng(margin)
+    x, w = ref.sample_away_from_breakpoints(rng, LABELS, D, UNITS, margin)
+    w *= np.array([0.3, 1.0, 4.0])
+    upstream = rng.standard_normal((B, UNITS))
+    layer = LSoftmaxDense(
+        UNITS,
+        margin=margin,
+        initial_lambda=0.5,
+        normalize_weights=True,
+        dtype="float64",
+    )
+    layer.build((None, D))
+
+    def loss(kernel):
+        layer.kernel.assign(kernel)
+        out = layer(x, labels=LABELS, training=True)
+        return tf.reduce_sum(out * upstream)
+
+    with tf.GradientTape() as tape:
+        value = loss(w)
+    grad = tape.gradient(value, layer.kernel).numpy()
+
+    # Central differences, one kernel entry at a time (float64).
+    delta = 1e-6
+    numeric = np.zeros_like(w)
+    for index in np.ndindex(*w.shape):
+        step = np.zeros_like(w)
+        step[index] = delta
+        numeric[index] = (loss(w + step) - loss(w - step)).numpy() / (2 * delta)
+    np.testing.assert_allclose(
+        grad, numeric, rtol=0, atol=1e-6 * np.max(np.abs(numeric))
+    )
+
+    # The same as the chain rule through Ŵ = W/‖W‖ on the op's own gradient.
+    norms = np.linalg.norm(w, axis=0)
+    w_hat = tf.constant(w / norms)
+    with tf.GradientTape() as tape:
+        tape.watch(w_hat)
+        inner = tf.reduce_sum(
+            ops.lsoftmax_logits(x, w_hat, LABELS, margin, 0.5) * upstream
+        )
+    g_hat = tape.gradient(inner, w_hat).numpy()
+    w_hat = w_hat.numpy()
+    chain = (g_hat - w_hat * np.sum(w_hat * g_hat, axis=0)) / norms
+    np.testing.assert_allclose(grad, chain, rtol=1e-10, atol=1e-12)
+
+
+def test_normalized_weights_zero_column_stays_finite():
+    layer = _layer(margin=4, normalize_weights=True)
+    kernel = _kernel(layer)
+    kernel[:, 1] = 0.0
+    layer.kernel.assign(kernel)
+    x = _inputs()
+    with tf.GradientTape() as tape:
+        out = layer(x, labels=LABELS, training=True)
+        loss = tf.reduce_sum(out)
+    grad = tape.gradient(loss, layer.kernel)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(out.numpy()[:, 1], 0.0)
+
+
+# -------------------------------------------------------- mixed precision
+
+
+@pytest.fixture(params=["mixed_float16", "mixed_bfloat16"])
+def mixed_policy(request):
+    keras.mixed_precision.set_global_policy(request.param)
+    try:
+        yield request.param
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_precision_outputs_float32(mixed_policy):
+    layer = LSoftmaxDense(UNITS, margin=4)
+    x = _inputs()
+    plain = layer(x)
+    out = layer(x, labels=LABELS, training=True)
+    assert plain.dtype == "float32" and out.dtype == "float32"
+    assert layer.kernel.dtype == "float32"
+    assert layer.lambda_.dtype == "float32"
+    kernel = _kernel(layer)
+    # Only the features may be rounded to half precision on the way in.
+    expected = ops.lsoftmax_logits(x, kernel, LABELS, 4, 0.0).numpy()
+    tol = 5e-3 if mixed_policy == "mixed_float16" else 3e-2
+    scale = np.max(np.abs(expected))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tol * scale)
+    np.testing.assert_allclose(plain, x @ kernel, rtol=0, atol=tol * scale)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x, labels=LABELS, training=True))
+    grad = tape.gradient(loss, layer.kernel)
+    assert grad.dtype == "float32" and np.all(np.isfinite(grad))
+
+
+# ------------------------------------------------------------- label_scope
+
+
+def test_label_scope_hands_labels_to_the_layer():
+    label_scope = keras_lsoftmax.label_scope
+    layer = _layer(margin=4, initial_lambda=0.5)
+    x = _inputs()
+    with label_scope(LABELS) as scope:
+        out = layer(x, training=True)
+    np.testing.assert_array_equal(out, layer(x, labels=LABELS, training=True))
+    assert len(scope.records) == 1
+    record = scope.records[0]
+    assert record.layer is layer
+    np.testing.assert_array_equal(record.outputs, out)
+    np.testing.assert_array_equal(record.labels, LABELS)
+    _, _, dot, cos = ref.target_geometry(x, _kernel(layer), LABELS)
+    plain = x @ _kernel(layer)
+    np.testing.assert_allclose(
+        record.plain_target, plain[np.arange(B), LABELS], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(record.plain_target, dot, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(record.cos_theta, cos, rtol=1e-5, atol=1e-6)

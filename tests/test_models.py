@@ -1,0 +1,426 @@
+"""Tests for `keras_lsoftmax.Sequential` and `keras_lsoftmax.Model`.
+
+The central check: one `fit` step (the whole data as one batch, plain SGD)
+moves the weights exactly as a hand-written step on the loss of
+`ops.lsoftmax_logits` does, and measurably unlike a plain softmax step.
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_lsoftmax
+from keras_lsoftmax import LSoftmaxDense
+from keras_lsoftmax import ops
+
+D, H, C = 20, 16, 5  # features, hidden units, classes
+MARGIN = 4
+MNIST = "/work/shared/data/mnist.npz"
+
+
+def _data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, D)).astype("float32")
+    y = rng.integers(0, C, size=n).astype("int32")
+    return x, y
+
+
+def _layers(lam):
+    return [
+        keras.layers.Dense(H, activation="relu", name="hidden"),
+        LSoftmaxDense(C, margin=MARGIN, initial_lambda=lam, name="head"),
+    ]
+
+
+def _sequential(lam=0.0):
+    return keras_lsoftmax.Sequential(
+        [keras.Input((D,), name="features"), *_layers(lam)]
+    )
+
+
+def _functional(lam=0.0):
+    inputs = keras.Input((D,), name="features")
+    hidden, head = _layers(lam)
+    return keras_lsoftmax.Model(inputs, head(hidden(inputs)))
+
+
+class SubclassedNet(keras_lsoftmax.Model):
+    def __init__(self, lam=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden, self.head = _layers(lam)
+
+    def call(self, inputs, training=None):
+        return self.head(self.hidden(inputs), training=training)
+
+
+def _subclassed(lam=0.0):
+    model = SubclassedNet(lam)
+    model(np.zeros((1, D), "float32"))  # build
+    return model
+
+
+def _nested(lam=0.0):
+    # A plain keras.Sequential (backbone + head) as one layer of the model.
+    inner = keras.Sequential([keras.Input((D,)), *_layers(lam)], name="inner")
+    return keras_lsoftmax.Sequential([keras.Input((D,), name="features"), inner])
+
+
+BUILDERS = {
+    "sequential": _sequential,
+    "functional": _functional,
+    "subclassed": _subclassed,
+    "nested": _nested,
+}
+
+
+def _head(model):
+    for layer in model.layers:
+        if isinstance(layer, LSoftmaxDense):
+            return layer
+        if isinstance(layer, keras.Model):
+            return _head(layer)
+    raise AssertionError("no LSoftmaxDense in the model")
+
+
+def _sparse_ce():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _weights(model):
+    weights = [v.numpy() for v in model.trainable_variables]
+    assert [w.shape for w in weights] == [(D, H), (H,), (H, C)]
+    return weights
+
+
+def _features(weights, x):
+    w1, b1 = weights[:2]
+    return np.maximum(x @ w1 + b1, 0.0)
+
+
+def _hand_step(weights, x, y, lr, margin, lam, sample_weight=None):
+    """One SGD step on the mean (sample-weighted) cross-entropy of the
+    L-Softmax logits; returns the new weights and the loss before it."""
+    variables = [tf.Variable(w) for w in weights]
+    w1, b1, kernel = variables
+    with tf.GradientTape() as tape:
+        features = tf.nn.relu(tf.matmul(x, w1) + b1)
+        logits = ops.lsoftmax_logits(features, kernel, y, margin, lam)
+        per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=y, logits=logits
+        )
+        if sample_weight is not None:
+            per_sample = per_sample * sample_weight
+        # Keras' "sum_over_batch_size": divide by the batch size.
+        loss = tf.reduce_sum(per_sample) / len(y)
+    grads = tape.gradient(loss, variables)
+    new = [v.numpy() - lr * g.numpy() for v, g in zip(variables, grads)]
+    return new, float(loss)
+
+
+def _assert_weights_close(actual, expected, atol):
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=0, atol=atol)
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_one_fit_step_is_the_margin_step(kind):
+    x, y = _data()
+    lr, lam = 0.5, 1.0
+    model = BUILDERS[kind](lam)
+    before = _weights(model)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=_sparse_ce())
+    history = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    after = _weights(model)
+
+    expected, loss = _hand_step(before, x, y, lr, MARGIN, lam)
+    plain, plain_loss = _hand_step(before, x, y, lr, 1, lam)
+    _assert_weights_close(after, expected, atol=1e-6)
+    assert history.history["loss"][0] == pytest.approx(loss, rel=1e-6)
+    # The check can fail: a plain softmax step lands elsewhere.
+    assert _max_diff(after, plain) > 1e-3
+    assert loss > plain_loss + 0.1
+
+
+def _train_in_mode(**compile_kwargs):
+    x, y = _data(n=48, seed=1)
+    keras.utils.set_random_seed(7)
+    model = _sequential(lam=0.5)
+    initial = _weights(model)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.2, momentum=0.9),
+        loss=_sparse_ce(),
+        metrics=["accuracy"],
+        **compile_kwargs,
+    )
+    history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    return initial, _weights(model), history.history
+
+
+@pytest.fixture(scope="module")
+def default_mode_run():
+    return _train_in_mode()  # tf.function, no XLA on CPU
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"run_eagerly": True},
+        {"jit_compile": True},
+        {"steps_per_execution": 3},
+    ],
+    ids=lambda mode: next(iter(mode)),
+)
+def test_execution_modes_agree(mode, default_mode_run):
+    initial, reference, reference_logs = default_mode_run
+    same_initial, weights, logs = _train_in_mode(**mode)
+    _assert_weights_close(same_initial, initial, atol=0)
+    _assert_weights_close(weights, reference, atol=1e-5)
+    np.testing.assert_allclose(logs["loss"], reference_logs["loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        logs["lsoftmax_theta"], reference_logs["lsoftmax_theta"], rtol=1e-5
+    )
+    assert logs["accuracy"] == reference_logs["accuracy"]
+    # Six steps of SGD with momentum moved the weights.
+    assert _max_diff(weights, initial) > 1e-2
+
+
+def _one_hot(y):
+    return np.eye(C, dtype="float32")[y]
+
+
+@pytest.mark.parametrize(
+    "labels, loss",
+    [
+        (lambda y: y, _sparse_ce),
+        (lambda y: y[:, None], _sparse_ce),
+        (lambda y: y.astype("int64"), _sparse_ce),
+        (
+            _one_hot,
+            lambda: keras.losses.CategoricalCrossentropy(from_logits=True),
+        ),
+    ],
+    ids=["sparse", "column", "int64", "one_hot"],
+)
+def test_label_formats_give_the_sparse_step(labels, loss):
+    x, y = _data(seed=2)
+    model = _sequential()
+    before = _weights(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss())
+    model.fit(x, labels(y), batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    expected, _ = _hand_step(before, x, y, 0.5, MARGIN, 0.0)
+    _assert_weights_close(_weights(model), expected, atol=1e-6)
+
+
+def test_sample_weight_step():
+    x, y = _data(seed=3)
+    sample_weight = np.random.default_rng(3).uniform(0, 2, len(y))
+    sample_weight = sample_weight.astype("float32")
+    model = _sequential()
+    before = _weights(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=_sparse_ce())
+    history = model.fit(
+        x,
+        y,
+        sample_weight=sample_weight,
+        batch_size=len(x),
+        shuffle=False,
+        verbose=0,
+    )
+    expected, loss = _hand_step(
+        before, x, y, 0.5, MARGIN, 0.0, sample_weight=sample_weight
+    )
+    unweighted, _ = _hand_step(before, x, y, 0.5, MARGIN, 0.0)
+    _assert_weights_close(_weights(model), expected, atol=1e-6)
+    assert history.history["loss"][0] == pytest.approx(loss, rel=1e-6)
+    assert _max_diff(_weights(model), unweighted) > 1e-3
+
+
+def test_class_weight_step():
+    x, y = _data(seed=4)
+    class_weight = {0: 2.0, 1: 0.5, 2: 1.0, 3: 0.0, 4: 3.0}
+    model = _functional()
+    before = _weights(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=_sparse_ce())
+    history = model.fit(
+        x,
+        y,
+        class_weight=class_weight,
+        batch_size=len(x),
+        shuffle=False,
+        verbose=0,
+    )
+    sample_weight = np.array([class_weight[c] for c in y], "float32")
+    expected, loss = _hand_step(
+        before, x, y, 0.5, MARGIN, 0.0, sample_weight=sample_weight
+    )
+    _assert_weights_close(_weights(model), expected, atol=1e-6)
+    assert history.history["loss"][0] == pytest.approx(loss, rel=1e-6)
+
+
+def test_subclassing_works_after_functional_use():
+    # Keras turns a Model subclass used functionally into a Functional
+    # subclass; that must not break later subclasses with their own `call`.
+    _functional()
+    model = _subclassed()
+    assert isinstance(model, keras_lsoftmax.Model)
+    x, y = _data(n=8)
+    model.compile(keras.optimizers.SGD(0.1), _sparse_ce())
+    model.fit(x, y, verbose=0)
+    assert isinstance(_functional(), keras_lsoftmax.Model)
+
+
+def _cross_entropy(logits, y):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=y, logits=logits
+    ).numpy()
+
+
+def _mean_theta_degrees(features, kernel, y):
+    w_y = kernel[:, y].T
+    cos = np.sum(features * w_y, axis=1) / (
+        np.linalg.norm(features, axis=1) * np.linalg.norm(w_y, axis=1)
+    )
+    return float(np.mean(np.degrees(np.arccos(np.clip(cos, -1, 1)))))
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    if not os.path.exists(MNIST):
+        pytest.skip(f"{MNIST} is not available")
+    with np.load(MNIST) as data:
+        x = data["x_train"][:1000].reshape(-1, 784).astype("float32") / 255
+        y = data["y_train"][:1000].astype("int32")
+    return x, y
+
+
+def test_fit_reports_plain_logit_metrics_and_margin_loss(mnist):
+    x, y = mnist
+    keras.utils.set_random_seed(0)
+    model = keras_lsoftmax.Sequential(
+        [
+            keras.Input((784,), name="features"),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            LSoftmaxDense(10, margin=4, name="head"),
+        ]
+    )
+    # A short, almost plain warm-up (λ = 1000): accuracy well above chance.
+    model.layers[-1].set_lambda(1000.0)
+    model.compile(keras.optimizers.SGD(0.5), _sparse_ce())
+    model.fit(x, y, batch_size=50, epochs=1, verbose=0)
+    model.layers[-1].set_lambda(0.0)
+
+    # lr = 0: the weights the fit metrics see are the weights evaluate sees.
+    model.compile(
+        keras.optimizers.SGD(learning_rate=0.0),
+        _sparse_ce(),
+        metrics=["accuracy"],
+    )
+    logs = model.fit(x, y, batch_size=100, shuffle=False, verbose=0).history
+    results = model.evaluate(x, y, batch_size=100, verbose=0, return_dict=True)
+
+    hidden, head = model.layers
+    features = hidden(x).numpy()
+    kernel = head.kernel.numpy()
+    plain = features @ kernel
+    margin = ops.lsoftmax_logits(features, kernel, y, 4, 0.0).numpy()
+    plain_accuracy = np.mean(np.argmax(plain, axis=1) == y)
+    margin_accuracy = np.mean(np.argmax(margin, axis=1) == y)
+    assert plain_accuracy > 0.5
+    assert plain_accuracy - margin_accuracy > 0.05  # the data tells them apart
+
+    assert logs["accuracy"][0] == results["accuracy"]
+    assert logs["accuracy"][0] == pytest.approx(plain_accuracy, abs=1e-6)
+    assert logs["loss"][0] == pytest.approx(_cross_entropy(margin, y).mean(), rel=1e-5)
+    assert results["loss"] == pytest.approx(_cross_entropy(plain, y).mean(), rel=1e-5)
+    assert logs["loss"][0] > results["loss"] + 0.1
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_logs_and_metrics_with_a_frozen_model(kind):
+    # lr = 0: fit's logs can be recomputed by hand from the final weights.
+    x, y = _data(n=40, seed=5)
+    model = BUILDERS[kind]()
+    _head(model).set_lambda(3.5)
+    model.compile(keras.optimizers.SGD(0.0), _sparse_ce(), metrics=["accuracy"])
+    logs = model.fit(x, y, batch_size=16, verbose=0).history
+    results = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+
+    weights = _weights(model)
+    features = _features(weights, x)
+    theta = _mean_theta_degrees(features, weights[2], y)
+    assert 0.0 < theta < 180.0
+    assert logs["lsoftmax_lambda"] == [3.5]
+    assert logs["lsoftmax_theta"][0] == pytest.approx(theta, rel=1e-5)
+    assert results["lsoftmax_theta"] == pytest.approx(theta, rel=1e-5)
+
+    # Accuracy on the plain logits, in fit as in evaluate.
+    plain = features @ weights[2]
+    margin = ops.lsoftmax_logits(features, weights[2], y, MARGIN, 3.5).numpy()
+    plain_accuracy = np.mean(np.argmax(plain, axis=1) == y)
+    assert np.mean(np.argmax(margin, axis=1) == y) != plain_accuracy
+    assert logs["accuracy"][0] == results["accuracy"]
+    assert results["accuracy"] == pytest.approx(plain_accuracy, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_predict_returns_plain_logits(kind):
+    x, _ = _data(n=24, seed=6)
+    model = BUILDERS[kind]()
+    weights = _weights(model)
+    logits = model.predict(x, batch_size=8, verbose=0)
+    assert logits.shape == (24, C)
+    np.testing.assert_allclose(
+        logits, _features(weights, x) @ weights[2], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_head_in_a_plain_keras_model_points_to_keras_lsoftmax():
+    x, y = _data()
+    model = keras.Sequential([keras.Input((D,)), *_layers(0.0)])
+    model.compile("sgd", _sparse_ce())
+    with pytest.raises(ValueError, match=r"keras_lsoftmax\.Sequential"):
+        model.fit(x, y, verbose=0)
+
+
+def test_fit_and_evaluate_without_labels_raise():
+    x, _ = _data()
+    model = _sequential()
+    model.compile("sgd", _sparse_ce())
+    with pytest.raises(ValueError, match=r"need the labels `y`"):
+        model.fit(x, verbose=0)
+    with pytest.raises(ValueError, match=r"need the labels `y`"):
+        model.evaluate(x, verbose=0)
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_float16(mixed_float16):
+    x, y = _data(n=48, seed=8)
+    model = _sequential()
+    hidden, head = model.layers
+    assert hidden.compute_dtype == "float16"
+    model.compile(keras.optimizers.SGD(0.1), _sparse_ce(), metrics=["accuracy"])
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    before = head.kernel.numpy()
+    logs = model.fit(x, y, batch_size=16, epochs=2, verbose=0).history
+    assert np.all(np.isfinite(logs["loss"]))
+    assert np.all(np.isfinite(logs["lsoftmax_theta"]))
+    assert int(model.optimizer.iterations) == 6
+    assert head.kernel.dtype == "float32"
+    assert not np.allclose(head.kernel.numpy(), before)
+    assert model(x).dtype == "float32"
+    assert model.predict(x, verbose=0).dtype == np.float32

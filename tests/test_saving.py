@@ -1,0 +1,137 @@
+"""Saving (`.keras`, `.weights.h5`) and SavedModel export of the models."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_lsoftmax
+from keras_lsoftmax import LSoftmaxDense
+
+D, H, C = 20, 16, 5
+LAMBDA = 3.5
+
+
+def _data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, D)).astype("float32")
+    y = rng.integers(0, C, size=n).astype("int32")
+    return x, y
+
+
+def _layers():
+    return [
+        keras.layers.Dense(H, activation="relu", name="hidden"),
+        LSoftmaxDense(C, margin=3, initial_lambda=10.0, name="head"),
+    ]
+
+
+def _sequential():
+    return keras_lsoftmax.Sequential([keras.Input((D,), name="features"), *_layers()])
+
+
+def _functional():
+    inputs = keras.Input((D,), name="features")
+    hidden, head = _layers()
+    return keras_lsoftmax.Model(inputs, head(hidden(inputs)))
+
+
+BUILDERS = {"sequential": _sequential, "functional": _functional}
+
+
+def _trained(kind, x, y):
+    """A compiled model after 2 Adam steps, with λ set to 3.5."""
+    keras.utils.set_random_seed(1)
+    model = BUILDERS[kind]()
+    model.get_layer("head").set_lambda(LAMBDA)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+    return model
+
+
+def _continue(model, x, y):
+    history = model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+    return [v.numpy() for v in model.weights], history.history
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_keras_file_round_trip(kind, tmp_path):
+    x, y = _data()
+    model = _trained(kind, x, y)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects
+
+    expected_class = {
+        "sequential": keras_lsoftmax.Sequential,
+        "functional": keras_lsoftmax.Model,
+    }[kind]
+    assert isinstance(loaded, expected_class)
+    assert type(loaded) is type(model)
+    head = loaded.get_layer("head")
+    assert isinstance(head, LSoftmaxDense)
+    assert float(head.lambda_) == LAMBDA
+    assert head.margin == 3
+    assert head.initial_lambda == 10.0
+    assert int(loaded.optimizer.iterations) == 2
+    assert isinstance(loaded.optimizer, keras.optimizers.Adam)
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+
+    # The optimizer state came back too: training goes on identically.
+    weights, logs = _continue(model, x, y)
+    loaded_weights, loaded_logs = _continue(loaded, x, y)
+    for a, b in zip(loaded_weights, weights):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert int(loaded.optimizer.iterations) == 4
+    assert set(loaded_logs) == {
+        "accuracy",
+        "loss",
+        "lsoftmax_lambda",
+        "lsoftmax_theta",
+    }
+    np.testing.assert_allclose(loaded_logs["loss"], logs["loss"], rtol=1e-6)
+    assert loaded_logs["lsoftmax_lambda"] == [LAMBDA]
+
+
+def test_weights_file_keeps_lambda(tmp_path):
+    x, _ = _data()
+    model = _sequential()
+    model.get_layer("head").set_lambda(LAMBDA)
+    path = tmp_path / "m.weights.h5"
+    model.save_weights(path)
+    other = _sequential()
+    assert float(other.get_layer("head").lambda_) == 10.0
+    other.load_weights(path)
+    assert float(other.get_layer("head").lambda_) == LAMBDA
+    np.testing.assert_array_equal(
+        other.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_export_serves_plain_logits(kind, tmp_path):
+    x, y = _data()
+    model = _trained(kind, x, y)
+    path = str(tmp_path / "exported")
+    model.export(path, verbose=False)
+    expected = model.predict(x, verbose=0)
+
+    reloaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(reloaded.serve(x).numpy(), expected, atol=1e-6)
+
+    signature = reloaded.signatures["serving_default"]
+    args, kwargs = signature.structured_input_signature
+    assert args == ()
+    assert list(kwargs) == ["features"]  # one input: no labels
+    assert kwargs["features"].shape.as_list() == [None, D]
+    outputs = signature(features=tf.constant(x))
+    np.testing.assert_allclose(outputs["output_0"].numpy(), expected, atol=1e-6)
+
+    layer = keras.layers.TFSMLayer(path, call_endpoint="serve")
+    np.testing.assert_allclose(layer(x).numpy(), expected, atol=1e-6)
