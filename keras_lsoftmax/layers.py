@@ -148,6 +148,7 @@ class LSoftmaxDense(keras.layers.Layer):
             initializer=self.kernel_initializer,
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
+            autocast=False,
         )
         self.input_spec = keras.layers.InputSpec(
             ndim=2, axes={-1: input_shape[-1]}
@@ -208,8 +209,13 @@ class LSoftmaxDense(keras.layers.Layer):
             labels = tf.cast(labels, tf.int32)
         return labels
 
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (input_shape[0], self.units)
+    def compute_output_spec(
+        self, inputs: Any, labels: Any = None, training: bool | None = None
+    ) -> keras.KerasTensor:
+        dtype = ops.compute_dtype(
+            tf.as_dtype(inputs.dtype), tf.as_dtype(self.variable_dtype)
+        )
+        return keras.KerasTensor((inputs.shape[0], self.units), dtype.name)
 
     def get_config(self) -> dict[str, Any]:
         config = {

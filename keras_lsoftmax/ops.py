@@ -44,19 +44,23 @@ def psi(cos_theta: Any, margin: int) -> tuple[tf.Tensor, tf.Tensor]:
     """
     margin = check_margin(margin)
     c = tf.clip_by_value(tf.convert_to_tensor(cos_theta), -1.0, 1.0)
-    t_prev, t = tf.ones_like(c), c
-    u_prev, u = tf.zeros_like(c), tf.ones_like(c)
+    # T and U share the recurrence v_{n+1} = 2c·v_n − v_{n−1}: run it once
+    # on both, from (T_0, U_{−1}) = (1, 0) and (T_1, U_0) = (c, 1).
+    two_c = 2.0 * c
+    previous = tf.stack([tf.ones_like(c), tf.zeros_like(c)])
+    current = tf.stack([c, tf.ones_like(c)])
     for _ in range(margin - 1):
-        t_prev, t = t, 2.0 * c * t - t_prev
-        u_prev, u = u, 2.0 * c * u - u_prev
-    k = tf.zeros_like(c)
-    for j in range(1, margin):
-        k += tf.cast(c <= math.cos(j * math.pi / margin), c.dtype)
+        previous, current = current, two_c * current - previous
+    t, u = tf.unstack(current)
+    thresholds = [math.cos(j * math.pi / margin) for j in range(1, margin)]
+    below = c[..., None] <= tf.constant(thresholds, c.dtype)
+    k = tf.reduce_sum(tf.cast(below, c.dtype), axis=-1)
     sign = 1.0 - 2.0 * tf.math.floormod(k, 2.0)
     return sign * t - 2.0 * k, sign * float(margin) * u
 
 
-def _compute_dtype(*dtypes: tf.DType) -> tf.DType:
+def compute_dtype(*dtypes: tf.DType) -> tf.DType:
+    """The dtype the op computes in: float64 if any input is, else float32."""
     # Half precision loses the margin (cos 4θ of a float16 cosine), so the
     # math runs in float32 unless a caller asked for float64.
     return tf.float64 if tf.float64 in dtypes else tf.float32
@@ -136,7 +140,7 @@ def plain_logits(inputs: Any, kernel: Any) -> tf.Tensor:
     """`inputs @ kernel` in the dtype `lsoftmax_logits` computes in."""
     inputs = tf.convert_to_tensor(inputs)
     kernel = tf.convert_to_tensor(kernel)
-    dtype = _compute_dtype(inputs.dtype, kernel.dtype)
+    dtype = compute_dtype(inputs.dtype, kernel.dtype)
     return tf.matmul(tf.cast(inputs, dtype), tf.cast(kernel, dtype))
 
 
@@ -164,7 +168,7 @@ def margin_logits(
             f"Received: inputs with shape {inputs.shape}, kernel with shape "
             f"{kernel.shape}"
         )
-    dtype = _compute_dtype(inputs.dtype, kernel.dtype)
+    dtype = compute_dtype(inputs.dtype, kernel.dtype)
     inputs = tf.cast(inputs, dtype)
     kernel = tf.cast(kernel, dtype)
     lam = _check_lambda(lam, dtype)
@@ -216,18 +220,27 @@ def lsoftmax_logits(
     return margin_logits(inputs, kernel, labels, margin, lam)[0]
 
 
+# Up to this many classes a pass over the whole kernel costs less than
+# gathering and scattering its B labelled columns element by element.
+_FULL_PASS_MAX_CLASSES = 32768
+
+
 def _margin_core(
     x: tf.Tensor, w: tf.Tensor, labels: tf.Tensor, lam: tf.Tensor, margin: int
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    full_pass = w.shape[1] is not None and w.shape[1] <= _FULL_PASS_MAX_CLASSES
+
     @tf.custom_gradient
     def forward(x, w, labels, lam):
         logits = tf.matmul(x, w)
-        w_y = tf.transpose(tf.gather(w, labels, axis=1))  # (B, D)
-        # Taken from x and w_y, not from `logits`, so that the scatter below
-        # is the only reader of `logits` and can update it in place.
-        target = tf.reduce_sum(x * w_y, axis=1)
+        index = target_index(labels)
+        target = tf.gather_nd(logits, index)
+        if full_pass:
+            b = tf.gather(tf.norm(w, axis=0), labels)
+        else:
+            w_y = tf.gather(w, labels, axis=1)  # (D, B)
+            b = tf.norm(w_y, axis=0)
         a = tf.norm(x, axis=1)
-        b = tf.norm(w_y, axis=1)
         ab = a * b
         cos = tf.clip_by_value(tf.math.divide_no_nan(target, ab), -1.0, 1.0)
         if margin == 1:
@@ -236,22 +249,32 @@ def _margin_core(
         inv = 1.0 / (1.0 + lam)
         # (λ·xw + ab·P)/(1+λ) written so that λ → ∞ returns xw exactly.
         margin_target = target + ab * (p - cos) * inv
-        index = target_index(labels)
-        out = tf.tensor_scatter_nd_update(logits, index, margin_target)
+        # After the gather, the scatter is the last reader of `logits` and
+        # updates it in place.
+        with tf.control_dependencies([target]):
+            out = tf.tensor_scatter_nd_update(logits, index, margin_target)
         alpha = 1.0 + (dp - 1.0) * inv
         delta = (p - cos * dp) * inv
 
         def grad(upstream, *unused):
-            g = tf.gather(upstream, labels, batch_dims=1)
+            g = tf.gather_nd(upstream, index)
             with tf.control_dependencies([g]):
                 g_adj = tf.tensor_scatter_nd_update(upstream, index, alpha * g)
             gd = g * delta
             dx = tf.matmul(g_adj, w, transpose_b=True)
             dx += tf.math.divide_no_nan(gd * b, a)[:, None] * x
             dw = tf.matmul(x, g_adj, transpose_a=True)
-            # Only the B labelled columns get the radial term: scatter it.
-            col = tf.math.divide_no_nan(gd * a, b)[None, :] * tf.transpose(w_y)
-            dw = tf.tensor_scatter_nd_add(dw, _column_index(w, labels), col)
+            # The radial term w_y·gδa/b of each labelled column.
+            radial = tf.math.divide_no_nan(gd * a, b)
+            if full_pass:
+                per_class = tf.math.unsorted_segment_sum(
+                    radial, labels, tf.shape(w)[1]
+                )
+                dw += w * per_class[None, :]
+            else:
+                dw = tf.tensor_scatter_nd_add(
+                    dw, _column_index(w, labels), w_y * radial[None, :]
+                )
             return dx, dw, None, None
 
         return (out, target, cos), grad

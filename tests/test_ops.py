@@ -44,6 +44,14 @@ def _grads(x, w, labels, margin, lam, upstream, fn=ops.lsoftmax_logits):
     return out, tape.gradient(loss, [x, w])
 
 
+@pytest.fixture(params=["full_pass", "column_scatter"])
+def radial_path(request, monkeypatch):
+    """Runs a test through both ways the op adds the kernel's radial term."""
+    if request.param == "column_scatter":
+        monkeypatch.setattr(ops, "_FULL_PASS_MAX_CLASSES", 0)
+    return request.param
+
+
 # ---------------------------------------------------------------- forward
 
 
@@ -172,7 +180,7 @@ def test_psi_clips_out_of_range_cosines():
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 10.0])
 @pytest.mark.parametrize("margin", MARGINS)
-def test_gradient_matches_finite_differences(margin, lam):
+def test_gradient_matches_finite_differences(margin, lam, radial_path):
     rng = np.random.default_rng(10 * margin + int(lam))
     x, w = ref.sample_away_from_breakpoints(rng, LABELS, 3, NUM_CLASSES, margin)
 
@@ -187,7 +195,7 @@ def test_gradient_matches_finite_differences(margin, lam):
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 10.0])
 @pytest.mark.parametrize("margin", MARGINS)
-def test_gradient_matches_autodiff_float32(margin, lam):
+def test_gradient_matches_autodiff_float32(margin, lam, radial_path):
     rng = np.random.default_rng(margin)
     labels = rng.integers(0, 4, size=16)
     x, w = ref.sample_away_from_breakpoints(rng, labels, 8, 4, margin)
@@ -219,7 +227,7 @@ def test_no_gradient_reaches_lambda():
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("margin", [1, 4])
-def test_tf_function_and_xla_match_eager(margin, jit_compile):
+def test_tf_function_and_xla_match_eager(margin, jit_compile, radial_path):
     x, w, labels = _spread_data(margin, batch=16)
     x, w = x.astype(np.float32), w.astype(np.float32)
     upstream = np.random.default_rng(0).standard_normal((16, 5))
@@ -268,7 +276,7 @@ def test_zero_feature_rows(margin, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("margin", [2, 4, 8])
-def test_zero_kernel_columns(margin, dtype):
+def test_zero_kernel_columns(margin, dtype, radial_path):
     x, w, labels = _spread_data(margin, batch=8)
     x, w = x.astype(dtype), w.astype(dtype)
     w[:, 1] = 0.0

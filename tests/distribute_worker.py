@@ -1,0 +1,174 @@
+"""Subprocess half of `tests/test_distribute.py`: one MirroredStrategy run.
+
+TensorFlow fixes its logical devices when its runtime starts, so the two
+logical CPUs that `tf.distribute.MirroredStrategy` needs on a CPU-only machine
+must be configured in a fresh process before any op runs. The test starts this
+script with `python tests/distribute_worker.py OUT.json`; it
+
+1. splits the physical CPU into two logical devices (before TF initialises);
+2. trains a tiny `keras_lsoftmax.Sequential` (features → Dense → LSoftmaxDense
+   with m = 4) for a few SGD steps on one device, with the default strategy;
+3. trains the same model, from the same initial weights on the same batches,
+   under `MirroredStrategy(["CPU:0", "CPU:1"])`, with the same global batch;
+4. writes both runs' final weights, History losses, per-batch losses, and λ as
+   read on every replica, to OUT.json, for the test to compare.
+
+Both runs use `keras_lsoftmax.LambdaScheduler(InverseDecay(...))` with
+`unit="step"`, `shuffle=False` and a global batch of `GLOBAL_BATCH`.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Must run before anything creates a tensor.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
+)
+
+import keras  # noqa: E402
+
+import keras_lsoftmax  # noqa: E402
+
+FEATURES = 8
+HIDDEN = 16
+CLASSES = 4
+MARGIN = 4
+GLOBAL_BATCH = 32
+STEPS = 4
+LEARNING_RATE = 0.1
+# λ = 10 / (1 + 0.5 t): 6.67 at t = 1, 3.33 at t = 4, so the margin matters.
+SCHEDULE = dict(base=10.0, gamma=0.5, power=1.0)
+
+
+def make_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(STEPS * GLOBAL_BATCH, FEATURES)).astype("float32")
+    y = rng.integers(0, CLASSES, size=STEPS * GLOBAL_BATCH).astype("int32")
+    return x, y
+
+
+def initial_weights() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [
+        rng.normal(scale=0.5, size=(FEATURES, HIDDEN)).astype("float32"),
+        rng.normal(scale=0.1, size=(HIDDEN,)).astype("float32"),
+        rng.normal(scale=0.5, size=(HIDDEN, CLASSES)).astype("float32"),
+    ]
+
+
+def build_model() -> keras_lsoftmax.Sequential:
+    model = keras_lsoftmax.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(HIDDEN, activation="relu", name="hidden"),
+            keras_lsoftmax.LSoftmaxDense(CLASSES, margin=MARGIN, name="head"),
+        ]
+    )
+    w1, b1, kernel = initial_weights()
+    model.get_layer("hidden").set_weights([w1, b1])
+    model.get_layer("head").kernel.assign(kernel)
+    model.compile(
+        optimizer=keras.optimizers.SGD(LEARNING_RATE),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+class BatchLosses(keras.callbacks.Callback):
+    """Records `logs["loss"]` (the running mean) after every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.losses = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.losses.append(float(logs["loss"]))
+
+
+def replica_lambdas(strategy, layer) -> tuple[list[float], list[float], list[str]]:
+    """λ as each replica sees it, read two ways."""
+    variable = layer.lambda_.value  # the tf variable behind the Keras one
+    components = getattr(variable, "values", (variable,))
+    from_components = [float(v.numpy()) for v in components]
+    devices = [v.device for v in components]
+    per_replica = strategy.run(lambda: tf.identity(layer.lambda_.value))
+    from_run = [
+        float(t.numpy()) for t in strategy.experimental_local_results(per_replica)
+    ]
+    return from_components, from_run, devices
+
+
+def train(strategy) -> dict:
+    keras.utils.clear_session()
+    x, y = make_data()
+    with strategy.scope():
+        model = build_model()
+    initial = [np.array(w) for w in model.get_weights()]
+    losses = BatchLosses()
+    schedule = keras_lsoftmax.schedules.InverseDecay(**SCHEDULE)
+    history = model.fit(
+        x,
+        y,
+        batch_size=GLOBAL_BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[keras_lsoftmax.LambdaScheduler(schedule), losses],
+    )
+    head = model.get_layer("head")
+    components, from_run, devices = replica_lambdas(strategy, head)
+    return {
+        "replicas": strategy.num_replicas_in_sync,
+        "weights": [w.tolist() for w in model.get_weights()],
+        "max_update": max(
+            float(np.max(np.abs(w - w0))) for w, w0 in zip(model.get_weights(), initial)
+        ),
+        "history_loss": history.history["loss"],
+        "history_lambda": history.history.get("lsoftmax_lambda"),
+        "batch_losses": losses.losses,
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "lambda_components": components,
+        "lambda_per_replica": from_run,
+        "lambda_devices": devices,
+        "expected_lambda": float(schedule(STEPS)),
+    }
+
+
+def first_batch_loss() -> float:
+    """The margin loss of batch 0 at the initial weights, computed directly."""
+    x, y = make_data()
+    w1, b1, kernel = initial_weights()
+    xb, yb = x[:GLOBAL_BATCH], y[:GLOBAL_BATCH]
+    features = np.maximum(xb @ w1 + b1, 0.0)
+    lam = float(keras_lsoftmax.schedules.InverseDecay(**SCHEDULE)(1))
+    logits = keras_lsoftmax.ops.lsoftmax_logits(features, kernel, yb, MARGIN, lam)
+    per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits)
+    return float(tf.reduce_mean(per_sample))
+
+
+def main(out_path: str) -> None:
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    single = train(tf.distribute.get_strategy())
+    mirrored = train(tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
+    result = {
+        "logical_cpus": devices,
+        "single": single,
+        "mirrored": mirrored,
+        "first_batch_loss": first_batch_loss(),
+        "steps": STEPS,
+        "global_batch": GLOBAL_BATCH,
+    }
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,224 @@
+"""The head benchmark runs on a tiny grid, and its autodiff reference is right.
+
+No test here asserts a time.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from benchmarks import bench_head
+from benchmarks.autodiff_reference import AutodiffLSoftmaxDense
+from benchmarks.autodiff_reference import autodiff_lsoftmax_logits
+from keras_lsoftmax import ops
+
+_ROW_KEYS = {
+    "classes",
+    "jit",
+    "variant",
+    "median_ms",
+    "iqr_ms",
+    "samples_ms",
+    "ratio_to_dense",
+    "peak_bytes",
+    "peak_mib",
+    "peak_ratio_to_dense",
+    "final_loss",
+}
+
+
+def _table_rows(text):
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| C ")
+    ]
+
+
+def test_bench_head_tiny_grid(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = bench_head.main(
+        [
+            "--classes",
+            "10",
+            "50",
+            "--batch",
+            "8",
+            "--dim",
+            "16",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--inner",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+
+    data = json.loads(out.read_text())
+    assert data["rows"] == json.loads(json.dumps(results["rows"]))
+    assert data["config"]["batch"] == 8 and data["config"]["dim"] == 16
+    rows = data["rows"]
+    keys = {(r["classes"], r["jit"], r["variant"]) for r in rows}
+    assert keys == {
+        (c, jit, v)
+        for c in (10, 50)
+        for jit in (True, False)
+        for v in ("dense", "lsoftmax", "autodiff")
+    }
+    assert len(rows) == 12
+    for r in rows:
+        assert _ROW_KEYS <= set(r)
+        assert len(r["samples_ms"]) == 2
+        assert r["median_ms"] > 0 and r["ratio_to_dense"] > 0
+        assert math.isfinite(r["final_loss"])
+        # The memory probe ran (in a child process on CPU).
+        assert r["peak_bytes"] is not None and r["peak_bytes"] >= 0
+        if r["variant"] == "dense":
+            assert r["ratio_to_dense"] == 1.0
+
+    assert "| C | jit | variant | median ms | IQR ms | ratio to Dense" in printed
+    assert len(_table_rows(printed)) == 12
+    assert printed.strip().endswith(data["markdown"].splitlines()[-1])
+
+
+def test_bench_head_flags(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench_head.main(
+        [
+            "--classes",
+            "7",
+            "--batch",
+            "4",
+            "--dim",
+            "8",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--inner",
+            "1",
+            "--no-jit",
+            "--memory",
+            "none",
+            "--variants",
+            "dense",
+            "autodiff",
+            "--margin",
+            "2",
+            "--lam",
+            "1.5",
+            "--out",
+            str(out),
+        ]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["jit"], r["variant"]) for r in rows] == [
+        (False, "dense"),
+        (False, "autodiff"),
+    ]
+    assert all(r["peak_mib"] is None for r in rows)
+    assert len(_table_rows(capsys.readouterr().out)) == 2
+
+
+def test_bench_head_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_head.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in (
+        "--classes",
+        "--batch",
+        "--dim",
+        "--repeats",
+        "--warmup",
+        "--device",
+        "--no-jit",
+        "--jit-only",
+        "--margin",
+        "--out",
+        "--variants",
+    ):
+        assert flag in help_text
+
+
+def test_memory_device_names():
+    assert bench_head.memory_device("/CPU:0") == "CPU:0"
+    assert bench_head.memory_device("/gpu:1") == "GPU:1"
+    assert bench_head.memory_device("/job:localhost/device:GPU:0") == "GPU:0"
+
+
+def _random_problem(seed, batch=16, dim=8, classes=12):
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.standard_normal((batch, dim)))
+    w = tf.constant(rng.standard_normal((dim, classes)))
+    # Repeated labels, so one kernel column collects several margin terms.
+    labels = tf.constant(rng.integers(0, classes // 2, batch), tf.int32)
+    upstream = tf.constant(rng.standard_normal((batch, classes)))
+    return x, w, labels, upstream
+
+
+@pytest.mark.parametrize("margin", [1, 2, 3, 4])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 7.0])
+def test_autodiff_reference_matches_op_float64(margin, lam):
+    x, w, labels, upstream = _random_problem(seed=10 * margin + int(lam))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, w])
+        ref = autodiff_lsoftmax_logits(x, w, labels, margin, lam)
+        got = ops.lsoftmax_logits(x, w, labels, margin, lam)
+        ref_loss = tf.reduce_sum(upstream * ref)
+        got_loss = tf.reduce_sum(upstream * got)
+    assert got.dtype == tf.float64 and ref.dtype == tf.float64
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-12, atol=1e-12)
+    # The non-target logits are exactly the plain ones in both.
+    mask = tf.one_hot(labels, w.shape[1], True, False).numpy()
+    np.testing.assert_array_equal(got.numpy()[~mask], (x @ w).numpy()[~mask])
+    for ref_grad, got_grad in zip(
+        tape.gradient(ref_loss, [x, w]), tape.gradient(got_loss, [x, w])
+    ):
+        np.testing.assert_allclose(
+            tf.convert_to_tensor(got_grad).numpy(),
+            tf.convert_to_tensor(ref_grad).numpy(),
+            rtol=1e-10,
+            atol=1e-10,
+        )
+
+
+def test_autodiff_reference_psi_values():
+    # ψ(θ) at known angles for m = 4: the target logit is ‖x‖‖w‖ψ(θ).
+    for theta, expected in [
+        (0.0, 1.0),
+        (math.pi / 8, 0.0),
+        (math.pi / 2, -3.0),
+        (math.pi, -7.0),
+    ]:
+        x = tf.constant([[1.0, 0.0]], tf.float64)
+        w = tf.constant([[math.cos(theta)], [math.sin(theta)]], tf.float64)
+        logits = autodiff_lsoftmax_logits(x, w, tf.constant([0]), 4, 0.0)
+        np.testing.assert_allclose(logits.numpy(), [[expected]], atol=1e-12)
+
+
+def test_autodiff_layer_matches_lsoftmax_dense():
+    from keras_lsoftmax import LSoftmaxDense
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 3, 3], np.int32)
+    ours = LSoftmaxDense(4, margin=3, initial_lambda=2.0)
+    ref = AutodiffLSoftmaxDense(4, margin=3, initial_lambda=2.0)
+    ours.build(x.shape)
+    ref.build(x.shape)
+    ref.kernel.assign(ours.kernel)
+    np.testing.assert_allclose(
+        ref(x, labels=y, training=True).numpy(),
+        ours(x, labels=y, training=True).numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(ref(x).numpy(), ours(x).numpy(), rtol=1e-6)
