@@ -42,6 +42,11 @@ class LSoftmaxDense(keras.layers.Layer):
     float32 (float64 for float64 inputs), and the logits come out in that
     dtype, also under a mixed-precision policy.
 
+    Labels outside [0, units) raise an `InvalidArgumentError` in eager and
+    graph mode. Under XLA (`jit_compile=True`, the Keras default on GPU)
+    assertions are compiled away and such labels are not reported: check
+    them in the input pipeline.
+
     Labels reach the layer either as the `labels` call argument or, inside
     `keras_lsoftmax.Sequential` / `keras_lsoftmax.Model` training, from the
     `label_scope` their `train_step` opens.

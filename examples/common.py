@@ -1,0 +1,413 @@
+"""Helpers shared by the example scripts (not part of the package).
+
+Data loading (`--data`), seeding, the output folder, the paper's building
+blocks (conv + BN + PReLU), the step learning-rate schedule, the authors' λ
+schedule scaled to a run's length, and the angle statistics of features.
+The scripts import it as `common`, which works because Python puts the
+script's own folder first on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+
+import keras_lsoftmax
+
+# The authors' MNIST λ schedule (wy1iu/LargeMargin_Softmax_Loss,
+# myexamples/mnist): base 1000, gamma 2.5e-5, power 35, over 30k iterations.
+# λ crosses 1 near iteration 8.7k, i.e. at 29% of that run.
+AUTHORS_BASE = 1000.0
+AUTHORS_POWER = 35.0
+AUTHORS_CROSSING = 8700.0 / 30000.0
+
+# The CPU-sized MNIST trunk shared by the MNIST examples: one 3×3 conv per
+# group (BN + PReLU), a 2×2 max pool after each group.
+SMALL_MNIST_GROUPS = [(16, 1), (32, 1), (64, 1)]
+
+SMOKE_TRAIN = 320
+SMOKE_TEST = 160
+
+
+def add_common_args(parser: argparse.ArgumentParser, dataset: str) -> None:
+    """Adds --data, --out, --smoke and --verbose to `parser`."""
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        default=None,
+        help=f"local {dataset} .npz with x_train, y_train, x_test, y_test "
+        f"(default: keras.datasets.{dataset}.load_data(), which downloads)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="output folder (created if missing; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"smoke test: {SMOKE_TRAIN} training and {SMOKE_TEST} test "
+        "images, one epoch",
+    )
+    parser.add_argument(
+        "--verbose",
+        type=int,
+        default=1,
+        choices=(0, 1, 2),
+        help="Keras verbosity: 1 progress bars, 2 one line per epoch, 0 quiet "
+        "(default: %(default)s)",
+    )
+
+
+def _load_npz(path: str) -> tuple:
+    with np.load(path) as data:
+        train = (data["x_train"], data["y_train"])
+        return train, (data["x_test"], data["y_test"])
+
+
+def load_mnist(path: str | None = None) -> tuple:
+    """MNIST as float32 images in [0, 1] of shape (N, 28, 28, 1), int labels.
+
+    Args:
+        path: a local mnist.npz (the keras.datasets format), or None to use
+            `keras.datasets.mnist.load_data()`.
+    """
+    if path is None:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+    else:
+        (x_train, y_train), (x_test, y_test) = _load_npz(path)
+
+    def prepare(x, y):
+        x = x.astype("float32").reshape(-1, 28, 28, 1) / 255.0
+        return x, y.astype("int32").reshape(-1)
+
+    return prepare(x_train, y_train), prepare(x_test, y_test)
+
+
+def load_cifar10(path: str | None = None) -> tuple:
+    """CIFAR-10 as float32 images of shape (N, 32, 32, 3), mean-subtracted.
+
+    Pixels are scaled to [0, 1] and the per-channel mean of the training set
+    is subtracted (the authors subtract a mean image).
+
+    Args:
+        path: a local .npz with x_train, y_train, x_test, y_test, or None to
+            use `keras.datasets.cifar10.load_data()`.
+    """
+    if path is None:
+        train, test = keras.datasets.cifar10.load_data()
+        (x_train, y_train), (x_test, y_test) = train, test
+    else:
+        (x_train, y_train), (x_test, y_test) = _load_npz(path)
+    x_train = x_train.astype("float32") / 255.0
+    x_test = x_test.astype("float32") / 255.0
+    mean = x_train.mean(axis=(0, 1, 2), keepdims=True)
+    return (
+        (x_train - mean, y_train.astype("int32").reshape(-1)),
+        (x_test - mean, y_test.astype("int32").reshape(-1)),
+    )
+
+
+def smoke_subset(train: tuple, test: tuple) -> tuple:
+    """The first SMOKE_TRAIN training and SMOKE_TEST test examples."""
+    return (
+        (train[0][:SMOKE_TRAIN], train[1][:SMOKE_TRAIN]),
+        (test[0][:SMOKE_TEST], test[1][:SMOKE_TEST]),
+    )
+
+
+def validation_split(train: tuple, size: int, seed: int = 1234) -> tuple:
+    """Splits `size` random examples off the training set (fixed seed)."""
+    order = np.random.default_rng(seed).permutation(len(train[1]))
+    keep, held = order[size:], order[:size]
+    return (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and TensorFlow (`keras.utils.set_random_seed`).
+
+    Multi-threaded CPU kernels still add run-to-run noise of the order of
+    a few test errors on MNIST; `tf.config.experimental.enable_op_determinism`
+    would remove it at a large speed cost.
+    """
+    keras.utils.set_random_seed(seed)
+
+
+def output_dir(path: str) -> str:
+    """Creates `path` if needed and returns it."""
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def scaled_gamma(
+    total_steps: int,
+    base: float = AUTHORS_BASE,
+    power: float = AUTHORS_POWER,
+    crossing: float = AUTHORS_CROSSING,
+) -> float:
+    """The `gamma` that makes `base·(1 + gamma·t)^(−power)` cross 1 at t =
+    `crossing`·`total_steps`.
+
+    With the defaults and total_steps = 30000 this gives 2.51e-5, the
+    authors' MNIST value 2.5e-5.
+    """
+    crossing_step = max(1.0, crossing * total_steps)
+    return (base ** (1.0 / power) - 1.0) / crossing_step
+
+
+def scaled_inverse_decay(
+    total_steps: int,
+    crossing: float = AUTHORS_CROSSING,
+    minimum: float = 0.0,
+    base: float = AUTHORS_BASE,
+    power: float = AUTHORS_POWER,
+) -> keras_lsoftmax.schedules.InverseDecay:
+    """The authors' λ schedule, compressed to a run of `total_steps` steps."""
+    gamma = scaled_gamma(total_steps, base, power, crossing)
+    return keras_lsoftmax.schedules.InverseDecay(
+        base=base, gamma=gamma, power=power, minimum=minimum
+    )
+
+
+def step_learning_rate(
+    total_steps: int,
+    initial: float = 0.1,
+    fractions: tuple = (12.0 / 18.0, 15.0 / 18.0),
+) -> keras.optimizers.schedules.LearningRateSchedule:
+    """The paper's step schedule (0.1, ÷10 at 12k and 15k of 18k iterations),
+    with the boundaries placed at the same fractions of `total_steps`."""
+    boundaries = [max(1, int(round(f * total_steps))) for f in fractions]
+    for i in range(1, len(boundaries)):  # strictly increasing, even if tiny
+        boundaries[i] = max(boundaries[i], boundaries[i - 1] + 1)
+    values = [initial * 0.1**i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def sgd(learning_rate) -> keras.optimizers.Optimizer:
+    """The paper's optimizer: SGD with momentum 0.9 (weight decay is put on
+    the kernels as an L2 regularizer, see `weight_decay`)."""
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9)
+
+
+def weight_decay(rate: float = 5e-4) -> keras.regularizers.Regularizer:
+    """Caffe's coupled weight decay `rate`: an L2 penalty (rate/2)·‖w‖²,
+    whose gradient rate·w goes through the momentum as in Caffe."""
+    return keras.regularizers.L2(rate / 2.0)
+
+
+def conv_bn_prelu(
+    x, filters: int, kernel_size: int, decay: float, padding: str = "same"
+):
+    """Conv (He init, no bias) → BatchNorm → PReLU (per channel, 0.25)."""
+    x = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        padding=padding,
+        use_bias=False,
+        kernel_initializer="he_normal",
+        kernel_regularizer=weight_decay(decay) if decay else None,
+    )(x)
+    x = keras.layers.BatchNormalization()(x)
+    return keras.layers.PReLU(
+        alpha_initializer=keras.initializers.Constant(0.25), shared_axes=[1, 2]
+    )(x)
+
+
+def conv_stack(x, groups, decay: float, kernel_size: int = 3):
+    """`groups`: a list of (filters, repeats); a 2×2 max pool after each."""
+    for filters, repeats in groups:
+        for _ in range(repeats):
+            x = conv_bn_prelu(x, filters, kernel_size, decay)
+        x = keras.layers.MaxPooling2D(2)(x)
+    return x
+
+
+def head(units: int, margin: int, decay: float, name: str = "head"):
+    """The classifier: `keras.layers.Dense(use_bias=False)` for margin 0
+    (plain softmax), `LSoftmaxDense(margin=m)` otherwise."""
+    regularizer = weight_decay(decay) if decay else None
+    if margin == 0:
+        return keras.layers.Dense(
+            units,
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=regularizer,
+            name=name,
+        )
+    return keras_lsoftmax.LSoftmaxDense(
+        units,
+        margin=margin,
+        kernel_initializer="he_normal",
+        kernel_regularizer=regularizer,
+        name=name,
+    )
+
+
+def fc_features(x, units: int, decay: float, prelu: bool = True):
+    """Flatten → FC `units` (no bias) → BN (→ PReLU): the feature layer the
+    head sees, named "features"."""
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(
+        units,
+        use_bias=False,
+        kernel_initializer="he_normal",
+        kernel_regularizer=weight_decay(decay) if decay else None,
+    )(x)
+    if not prelu:
+        return keras.layers.BatchNormalization(name="features")(x)
+    x = keras.layers.BatchNormalization()(x)
+    return keras.layers.PReLU(
+        alpha_initializer=keras.initializers.Constant(0.25), name="features"
+    )(x)
+
+
+def fit_classifier(
+    model, train: tuple, margin: int, schedule, steps: tuple, args
+) -> Timer:
+    """Compiles `model` with the paper's SGD and step learning rate, and fits
+    it on `train` for `steps` = (epochs, total_steps), with a
+    `LambdaScheduler(schedule)` for an L-Softmax head. Uses
+    `args.learning_rate`, `args.batch_size` and `args.verbose`; returns the
+    `Timer` of `fit`."""
+    epochs, total_steps = steps
+    lr = step_learning_rate(total_steps, args.learning_rate)
+    compile_classifier(model, sgd(lr))
+    with Timer() as timer:
+        model.fit(
+            train[0],
+            train[1],
+            batch_size=args.batch_size,
+            epochs=epochs,
+            callbacks=lambda_callbacks(margin, schedule),
+            verbose=args.verbose,
+        )
+    return timer
+
+
+def evaluate_head(model, test: tuple, verbose: int) -> dict:
+    """Accuracy on `test` (plain logits), the "features" layer's outputs,
+    the "head" layer's kernel and λ, and `angle_stats` of the features."""
+    accuracy = model.evaluate(
+        test[0], test[1], batch_size=1000, verbose=verbose, return_dict=True
+    )["accuracy"]
+    features = keras.Model(
+        model.inputs, model.get_layer("features").output
+    ).predict(test[0], batch_size=1000, verbose=0)
+    head = model.get_layer("head")
+    kernel = keras.ops.convert_to_numpy(head.kernel)
+    lam = getattr(head, "lambda_", None)
+    return {
+        "accuracy": float(accuracy),
+        "features": features,
+        "kernel": kernel,
+        "final_lambda": None if lam is None else float(np.asarray(lam)),
+        "angles_deg": angle_stats(features, test[1], kernel),
+    }
+
+
+def command_line(script: str, argv: list | None) -> str:
+    """The command that ran `script` with `argv` (None: `sys.argv[1:]`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", f"examples/{script}", *args])
+
+
+def lambda_callbacks(margin: int, schedule) -> list:
+    """`[LambdaScheduler(schedule)]` for an L-Softmax head (margin ≥ 1),
+    `[]` for the plain softmax head (margin 0), which has no λ."""
+    if margin == 0 or schedule is None:
+        return []
+    return [keras_lsoftmax.LambdaScheduler(schedule)]
+
+
+def train_length(
+    n_train: int, batch_size: int, epochs: int, iterations: int | None
+) -> tuple:
+    """(epochs, total_steps): `iterations`, if given, overrides `epochs`
+    (rounded up to whole epochs, as the steps are)."""
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    if iterations is not None:
+        epochs = max(1, math.ceil(iterations / steps_per_epoch))
+    return epochs, epochs * steps_per_epoch
+
+
+def compile_classifier(model, optimizer) -> None:
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def unit_rows(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def angle_stats(features: np.ndarray, labels: np.ndarray, kernel) -> dict:
+    """Angles in degrees that describe how class-separated `features` are.
+
+    - `intra`: the mean, over samples, of the angle between a feature and
+      the mean direction of its class (the normalized mean of the unit
+      features of that class). Small = compact classes.
+    - `inter_means`: the smallest angle between the mean directions of two
+      classes. Large = well-separated classes.
+    - `inter_weights`: the smallest angle between two class weight vectors
+      (columns of `kernel`, shape (D, C)).
+
+    Classes are the true labels.
+    """
+    unit = unit_rows(features.astype("float64"))
+    classes = np.unique(labels)
+    means = np.stack([unit[labels == c].mean(axis=0) for c in classes])
+    means = unit_rows(means)
+    index = np.searchsorted(classes, labels)
+    cos_intra = np.clip(np.sum(unit * means[index], axis=1), -1.0, 1.0)
+
+    def min_pairwise(vectors):
+        cos = np.clip(unit_rows(vectors) @ unit_rows(vectors).T, -1.0, 1.0)
+        upper = np.triu_indices(len(vectors), k=1)
+        return float(np.degrees(np.arccos(cos[upper])).min())
+
+    return {
+        "intra": float(np.degrees(np.arccos(cos_intra)).mean()),
+        "inter_means": min_pairwise(means),
+        "inter_weights": min_pairwise(np.asarray(kernel).T),
+    }
+
+
+class Timer:
+    """`with Timer() as t: ...`; then `t.seconds` (wall) and `t.cpu_seconds`
+    (CPU time of this process, all threads: on a busy machine, CPU time /
+    cores estimates the wall time the same work takes on an idle one)."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
+
+
+def margin_name(margin: int) -> str:
+    return "softmax" if margin in (0, 1) else f"L-Softmax m={margin}"
+
+
+def mean_std(values) -> tuple:
+    values = np.asarray(values, dtype="float64")
+    std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    return float(values.mean()), std
+
+
+def format_mean_std(values, digits: int = 2) -> str:
+    mean, std = mean_std(values)
+    if math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"

@@ -1,0 +1,224 @@
+"""The example scripts run end to end in smoke mode and write their files.
+
+Each script runs as users run it, in a subprocess, on a small synthetic
+.npz in the keras.datasets format (no download), with `--smoke`: a few
+hundred images, one epoch.
+"""
+
+import importlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_npz(path, shape, n_train, n_test, label_shape):
+    """Random images with labels 0..9 cycling, so every class occurs."""
+    rng = np.random.default_rng(0)
+
+    def labels(n):
+        return (np.arange(n) % 10).astype("uint8").reshape((n,) + label_shape)
+
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
+        y_train=labels(n_train),
+        x_test=rng.integers(0, 256, (n_test,) + shape, dtype=np.uint8),
+        y_test=labels(n_test),
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mnist_npz(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "mnist.npz"
+    return _fake_npz(path, (28, 28), 400, 200, ())
+
+
+@pytest.fixture(scope="module")
+def cifar_npz(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "cifar10.npz"
+    return _fake_npz(path, (32, 32, 3), 64, 32, (1,))
+
+
+def _run(script, *args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, (
+        f"{script} {' '.join(args)} failed:\n{completed.stdout[-4000:]}\n"
+        f"{completed.stderr[-4000:]}"
+    )
+    return completed.stdout
+
+
+def test_features_2d_smoke(mnist_npz, tmp_path):
+    out = tmp_path / "fig2"
+    stdout = _run(
+        "mnist_features_2d.py", "--data", mnist_npz, "--smoke",
+        "--out", str(out), "--verbose", "2", cwd=tmp_path,
+    )
+    png = out / "features_2d.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert png.stat().st_size > 10_000
+    summary = json.loads((out / "features_2d.json").read_text())
+    assert [r["margin"] for r in summary["results"]] == [1, 2, 3, 4]
+    assert summary["epochs"] == 1 and summary["train_images"] == 320
+    for result in summary["results"]:
+        assert 0.0 <= result["test_accuracy"] <= 1.0
+        assert 0.0 <= result["angles_deg"]["intra"] <= 180.0
+    assert "wrote" in stdout and "m=4: test accuracy" in stdout
+
+
+def test_margin_comparison_smoke(mnist_npz, tmp_path):
+    out = tmp_path / "cmp"
+    stdout = _run(
+        "mnist_margin_comparison.py", "--data", mnist_npz, "--smoke",
+        "--seeds", "0", "1", "--margins", "0", "4", "--out", str(out),
+        "--verbose", "0", cwd=tmp_path,
+    )
+    table = (out / "results.md").read_text()
+    assert table in stdout.replace("\r", "")
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| head | test error % (mean ± std) |")
+    assert rows[1].startswith("| softmax | ")
+    assert rows[2].startswith("| L-Softmax m=4 | ")
+    assert " ± " in rows[1]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["margin"], r["seed"]) for r in runs] == [
+        (0, 0), (0, 1), (4, 0), (4, 1)
+    ]
+    for run in runs:
+        assert 0.0 <= run["error_percent"] <= 100.0
+        assert set(run["angles_deg"]) == {"intra", "inter_means",
+                                          "inter_weights"}
+    assert runs[0]["final_lambda"] is None
+    assert runs[2]["final_lambda"] >= 0.0
+
+
+def test_margin_comparison_validation_never_reads_the_test_set(tmp_path):
+    # A data file whose test split is unusable: --validation must not touch it.
+    path = tmp_path / "mnist.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (5400, 28, 28), dtype=np.uint8),
+        y_train=(np.arange(5400) % 10).astype("uint8"),
+        x_test=np.zeros((0, 28, 28), dtype=np.uint8),
+        y_test=np.zeros((0,), dtype=np.uint8),
+    )
+    out = tmp_path / "val"
+    stdout = _run(
+        "mnist_margin_comparison.py", "--data", str(path), "--smoke",
+        "--validation", "--seeds", "0", "--margins", "2", "--out", str(out),
+        "--verbose", "0", cwd=tmp_path,
+    )
+    assert "| head | validation error % (mean ± std) |" in stdout
+    assert json.loads((out / "results.json").read_text())["split"] == (
+        "validation"
+    )
+
+
+def test_cifar10_smoke(cifar_npz, tmp_path):
+    out = tmp_path / "cifar"
+    _run(
+        "cifar10.py", "--data", cifar_npz, "--smoke", "--augment",
+        "--out", str(out), "--verbose", "2", cwd=tmp_path,
+    )
+    result = json.loads((out / "results.json").read_text())
+    assert result["dataset"] == "CIFAR-10+"
+    assert result["head"] == "L-Softmax m=4"
+    assert result["epochs"] == 1 and result["steps"] == 1
+    assert 0.0 <= result["error_percent"] <= 100.0
+    assert result["lambda_schedule"] == {
+        "base": 1000.0, "gamma": 1e-5, "power": 45.0, "minimum": 0.0
+    }
+
+    import keras
+
+    import keras_lsoftmax  # noqa: F401 (registers the classes)
+
+    model = keras.saving.load_model(out / "model.keras")
+    logits = model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
+    assert logits.shape == (2, 10)
+
+
+@pytest.fixture
+def examples_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+
+    def load(name):
+        return importlib.import_module(name)
+
+    return load
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("mnist_features_2d", ["--data", "--seed", "--out", "--smoke",
+                               "--margins", "--paper"]),
+        ("mnist_margin_comparison", ["--data", "--seeds", "--out", "--smoke",
+                                     "--validation", "--paper",
+                                     "--lambda-min"]),
+        ("cifar10", ["--data", "--seed", "--out", "--smoke", "--margin",
+                     "--augment"]),
+    ],
+)
+def test_help(examples_module, capsys, script, flags):
+    module = examples_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in flags:
+        assert flag in text
+
+
+def test_scaled_gamma_reproduces_the_authors_mnist_setting(examples_module):
+    common = examples_module("common")
+    # 30k iterations, crossing at 8.7k: the authors' gamma 2.5e-5.
+    assert common.scaled_gamma(30000) == pytest.approx(2.5e-5, rel=0.01)
+    schedule = common.scaled_inverse_decay(1000)
+    assert float(schedule(290)) == pytest.approx(1.0, rel=1e-3)
+    assert float(schedule(1)) > 900.0
+
+
+def test_step_learning_rate_boundaries(examples_module):
+    common = examples_module("common")
+    lr = common.step_learning_rate(18000)
+    assert [float(lr(t)) for t in (0, 11999, 12001, 15001)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.001]
+    )
+    tiny = common.step_learning_rate(2)  # still valid for a 2-step smoke run
+    assert float(tiny(0)) == pytest.approx(0.1)
+
+
+def test_angle_stats(examples_module):
+    common = examples_module("common")
+    # Two classes on the x and y axes, each spread ±10° around its axis.
+    spread = np.radians([-10.0, 10.0])
+    features = np.concatenate(
+        [np.stack([np.cos(spread), np.sin(spread)], 1),
+         np.stack([-np.sin(spread), np.cos(spread)], 1)]
+    )
+    labels = np.array([0, 0, 1, 1])
+    kernel = np.array([[1.0, 1.0], [0.0, 1.0]])  # W_0 at 0°, W_1 at 45°
+    stats = common.angle_stats(features, labels, kernel)
+    assert stats["intra"] == pytest.approx(10.0)
+    assert stats["inter_means"] == pytest.approx(90.0)
+    assert stats["inter_weights"] == pytest.approx(45.0)
