@@ -8,7 +8,6 @@ import keras
 import tensorflow as tf
 
 from keras_lsoftmax import ops
-from keras_lsoftmax.label_scope import HeadRecord
 from keras_lsoftmax.label_scope import label_scope
 
 
@@ -45,7 +44,10 @@ class MarginTrainingMixin:
         variables = self.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(gradients, variables)
-        logs = self._update_metrics(x, y, y_pred, sample_weight, loss, scope)
+        metrics_pred = _plain_predictions(y_pred, scope)
+        logs = self._update_metrics(
+            x, y, metrics_pred, sample_weight, loss, scope
+        )
         if scope.records:
             logs["lsoftmax_lambda"] = tf.identity(scope.records[0].layer.lambda_)
         return logs
@@ -76,11 +78,13 @@ class MarginTrainingMixin:
             if metric.name == "loss":
                 metric.update_state(loss * replicas, sample_weight=batch_size)
         if scope.records:
-            record = scope.records[0]
-            theta = tf.math.acos(record.cos_theta) * (180.0 / math.pi)
+            cos_theta = scope.records[0].cos_theta
+            theta = tf.math.acos(cos_theta) * (180.0 / math.pi)
             self.lsoftmax_theta_tracker.update_state(theta)
-            y_pred = _plain_predictions(y_pred, record)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if not scope.records:
+            logs.pop(self.lsoftmax_theta_tracker.name, None)  # no head, no θ
+        return logs
 
 
 def _check_targets(y: Any) -> None:
@@ -91,10 +95,13 @@ def _check_targets(y: Any) -> None:
         )
 
 
-def _plain_predictions(y_pred: Any, record: HeadRecord) -> Any:
+def _plain_predictions(y_pred: Any, scope: label_scope) -> Any:
     # The margin changes one logit per row; putting the plain one back is an
     # O(B) scatter, not a second forward pass. Only possible when the head's
     # output is the model's output.
+    if not scope.records:
+        return y_pred
+    record = scope.records[0]
     if y_pred is not record.outputs:
         warnings.warn(
             f"The output of LSoftmaxDense '{record.layer.name}' is not the "

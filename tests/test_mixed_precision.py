@@ -24,8 +24,8 @@ from keras_lsoftmax import LSoftmaxDense
 from keras_lsoftmax import ops
 from keras_lsoftmax import schedules
 from tests import numpy_reference as ref
+from tests.datasets import MNIST_PATH as MNIST
 
-MNIST = "/work/shared/data/mnist.npz"
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
 HALF = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 D, H, C = 20, 16, 5  # features, hidden units, classes

@@ -15,10 +15,10 @@ import tensorflow as tf
 import keras_lsoftmax
 from keras_lsoftmax import LSoftmaxDense
 from keras_lsoftmax import ops
+from tests.datasets import MNIST_PATH as MNIST
 
 D, H, C = 20, 16, 5  # features, hidden units, classes
 MARGIN = 4
-MNIST = "/work/shared/data/mnist.npz"
 
 
 def _data(n=32, seed=0):
@@ -424,3 +424,29 @@ def test_mixed_float16(mixed_float16):
     assert not np.allclose(head.kernel.numpy(), before)
     assert model(x).dtype == "float32"
     assert model.predict(x, verbose=0).dtype == np.float32
+
+
+def test_model_without_head_logs_no_theta():
+    x, y = _data()
+    model = keras_lsoftmax.Sequential(
+        [keras.Input((D,)), keras.layers.Dense(C, use_bias=False)]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=_sparse_ce())
+    history = model.fit(x, y, batch_size=len(x), verbose=0)
+    assert "lsoftmax_theta" not in history.history
+    assert "lsoftmax_lambda" not in history.history
+    assert "lsoftmax_theta" not in model.evaluate(x, y, return_dict=True, verbose=0)
+
+
+def test_layer_after_head_warns_and_uses_model_output():
+    x, y = _data()
+    model = keras_lsoftmax.Sequential(
+        [keras.Input((D,)), *_layers(0.0), keras.layers.Activation("softmax")]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
+    with pytest.warns(UserWarning, match="not the model's output"):
+        model.fit(x, y, batch_size=len(x), verbose=0)
