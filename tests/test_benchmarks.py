@@ -1,4 +1,4 @@
-"""The head benchmark runs on a tiny grid, and its autodiff reference is right.
+"""The benchmarks run on tiny inputs, and the autodiff reference is right.
 
 No test here asserts a time.
 """
@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from benchmarks import bench_head
+from benchmarks import bench_mnist
 from benchmarks.autodiff_reference import AutodiffLSoftmaxDense
 from benchmarks.autodiff_reference import autodiff_lsoftmax_logits
 from keras_lsoftmax import ops
@@ -222,3 +223,26 @@ def test_autodiff_layer_matches_lsoftmax_dense():
         atol=1e-5,
     )
     np.testing.assert_allclose(ref(x).numpy(), ours(x).numpy(), rtol=1e-6)
+
+
+def test_bench_mnist_tiny_run(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "mnist.npz"
+    np.savez(
+        data,
+        x_train=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 64, dtype=np.uint8),
+    )
+    out = tmp_path / "bench_mnist.json"
+    result = bench_mnist.main(
+        ["--data", str(data), "--limit", "64", "--epochs", "1",
+         "--batch-size", "32", "--out", str(out)]
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["images"] == 64
+    assert len(saved["epoch_seconds"]["dense"]) == 1
+    assert len(saved["epoch_seconds"]["lsoftmax"]) == 1
+    medians = saved["median_seconds"]
+    assert saved["ratio"] == pytest.approx(medians["lsoftmax"] / medians["dense"])
+    assert result["ratio"] == saved["ratio"]
+    assert "| LSoftmaxDense(m=4) |" in capsys.readouterr().out
