@@ -172,16 +172,17 @@ class LSoftmaxDense(keras.layers.Layer):
         scope = current_label_scope()
         if labels is None and scope is not None:
             labels = scope.labels
-        if labels is None:
-            if training:
-                raise ValueError(
-                    f"LSoftmaxDense '{self.name}' was called with "
-                    "training=True but without labels, so it cannot apply "
-                    "the margin. Train it inside keras_lsoftmax.Sequential "
-                    "or keras_lsoftmax.Model (their train_step passes the "
-                    "labels), call it with labels=..., or open a "
-                    "keras_lsoftmax.label_scope(labels) in a custom loop."
-                )
+        if labels is None and training:
+            raise ValueError(
+                f"LSoftmaxDense '{self.name}' was called with "
+                "training=True but without labels, so it cannot apply "
+                "the margin. Train it inside keras_lsoftmax.Sequential "
+                "or keras_lsoftmax.Model (their train_step passes the "
+                "labels), call it with labels=..., or open a "
+                "keras_lsoftmax.label_scope(labels) in a custom loop."
+            )
+        # Outside training only a label_scope wants the per-sample records.
+        if labels is None or (not training and scope is None):
             return ops.plain_logits(inputs, kernel)
         labels = ops.check_labels(
             self._sparse_labels(labels), self.units, inputs
