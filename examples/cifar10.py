@@ -88,13 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=ITERATIONS,
                         help="training steps, rounded up to whole epochs "
                         "(default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="(default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=0.1,
-                        help="initial SGD learning rate, divided by 10 at "
-                        "2/3 and 5/6 of the run (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4,
-                        help="Caffe-style weight decay (default: %(default)s)")
+    common.add_sgd_args(parser)
     parser.add_argument("--lambda-gamma", type=float, default=None,
                         help="gamma of InverseDecay(1000, gamma, 45) "
                         "(default: 2e-5, or 1e-5 with --augment)")

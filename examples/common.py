@@ -66,6 +66,34 @@ def add_common_args(parser: argparse.ArgumentParser, dataset: str) -> None:
     )
 
 
+def add_sgd_args(parser: argparse.ArgumentParser) -> None:
+    """Adds --batch-size, --learning-rate and --weight-decay to `parser`."""
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="(default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=0.1,
+                        help="initial SGD learning rate, divided by 10 at "
+                        "2/3 and 5/6 of the run (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4,
+                        help="Caffe-style weight decay (default: %(default)s)")
+
+
+def add_mnist_run_args(
+    parser: argparse.ArgumentParser, lambda_min: float
+) -> None:
+    """Adds the run length and λ-schedule options of the MNIST examples."""
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="epochs per run (default: %(default)s)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="training steps per run; overrides --epochs "
+                        "(rounded up to whole epochs)")
+    add_sgd_args(parser)
+    parser.add_argument("--lambda-cross", type=float, default=AUTHORS_CROSSING,
+                        help="fraction of the run at which λ crosses 1 "
+                        "(default: %(default).3f, the authors' 8.7k/30k)")
+    parser.add_argument("--lambda-min", type=float, default=lambda_min,
+                        help="floor of λ (default: %(default)s)")
+
+
 def _load_npz(path: str) -> tuple:
     with np.load(path) as data:
         train = (data["x_train"], data["y_train"])

@@ -165,25 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--margins", type=int, nargs="+", default=[1, 2, 3, 4],
                         help="the m of each panel; 1 is plain softmax "
                         "(default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=4,
-                        help="epochs per model (default: %(default)s)")
-    parser.add_argument("--iterations", type=int, default=None,
-                        help="training steps per model; overrides --epochs "
-                        "(rounded up to whole epochs)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="(default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=0.1,
-                        help="initial SGD learning rate (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4,
-                        help="Caffe-style weight decay (default: %(default)s)")
-    parser.add_argument("--lambda-cross", type=float,
-                        default=common.AUTHORS_CROSSING,
-                        help="fraction of the run at which λ crosses 1 "
-                        "(default: %(default).3f, the authors' 8.7k/30k)")
-    parser.add_argument("--lambda-min", type=float, default=1.0,
-                        help="floor of λ (default: %(default)s; with 0, "
-                        "this short run on 2-D features can collapse a "
-                        "class to the origin at m = 4)")
+    common.add_mnist_run_args(parser, lambda_min=1.0)
     parser.add_argument("--max-points", type=int, default=10000,
                         help="test points drawn per panel (default: %(default)s)")
     parser.add_argument("--paper", action="store_true",

@@ -163,26 +163,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--margins", type=int, nargs="+", default=[0, 2, 3, 4],
                         help="heads: 0 is the plain softmax Dense head, m ≥ 1 "
                         "an LSoftmaxDense (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=4,
-                        help="epochs per run (default: %(default)s)")
-    parser.add_argument("--iterations", type=int, default=None,
-                        help="training steps per run; overrides --epochs "
-                        "(rounded up to whole epochs)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="(default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=0.1,
-                        help="initial SGD learning rate (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4,
-                        help="Caffe-style weight decay (default: %(default)s)")
-    parser.add_argument("--lambda-cross", type=float,
-                        default=common.AUTHORS_CROSSING,
-                        help="fraction of the run at which λ crosses 1 "
-                        "(default: %(default).3f, the authors' 8.7k/30k)")
+    common.add_mnist_run_args(parser, lambda_min=0.0)
     parser.add_argument("--lambda-gamma", type=float, default=None,
                         help="use this gamma instead of scaling it with "
                         "--lambda-cross (--paper: 2.5e-5)")
-    parser.add_argument("--lambda-min", type=float, default=0.0,
-                        help="floor of λ (default: %(default)s)")
     parser.add_argument("--validation", action="store_true",
                         help=f"hold out {VALIDATION_SIZE} training images and "
                         "report their error; the test set is not used")
