@@ -71,12 +71,7 @@ def training_data(x, y, batch_size: int, augment: bool, seed: int):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="The full description is in the module docstring and README.",
-    )
-    common.add_common_args(parser, "cifar10")
-    parser.set_defaults(out=os.path.join("out", "cifar10"))
+    parser = common.example_parser(__doc__, "cifar10", "cifar10")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed (default: %(default)s)")
     parser.add_argument("--margin", type=int, default=4,

@@ -35,7 +35,25 @@ SMOKE_TRAIN = 320
 SMOKE_TEST = 160
 
 
-def add_common_args(parser: argparse.ArgumentParser, dataset: str) -> None:
+def example_parser(doc: str, dataset: str, name: str) -> argparse.ArgumentParser:
+    """A parser with --data, --out (default out/NAME), --smoke and --verbose.
+
+    Args:
+        doc: the example's module docstring; its first paragraph is the
+            description.
+        dataset: "mnist" or "cifar10", for --data's help.
+        name: the example's name, for --out's default.
+    """
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog="The full description is in the module docstring and README.",
+    )
+    _add_common_args(parser, dataset)
+    parser.set_defaults(out=os.path.join("out", name))
+    return parser
+
+
+def _add_common_args(parser: argparse.ArgumentParser, dataset: str) -> None:
     """Adds --data, --out, --smoke and --verbose to `parser`."""
     parser.add_argument(
         "--data",

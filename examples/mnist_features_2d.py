@@ -154,12 +154,7 @@ def plot(results: list, labels: np.ndarray, path: str, max_points: int) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="The full description is in the module docstring and README.",
-    )
-    common.add_common_args(parser, "mnist")
-    parser.set_defaults(out=os.path.join("out", "mnist_features_2d"))
+    parser = common.example_parser(__doc__, "mnist", "mnist_features_2d")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed (default: %(default)s)")
     parser.add_argument("--margins", type=int, nargs="+", default=[1, 2, 3, 4],

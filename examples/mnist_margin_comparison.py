@@ -152,12 +152,7 @@ def markdown_table(runs: list, margins: list, split: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="The full description is in the module docstring and README.",
-    )
-    common.add_common_args(parser, "mnist")
-    parser.set_defaults(out=os.path.join("out", "mnist_margin_comparison"))
+    parser = common.example_parser(__doc__, "mnist", "mnist_margin_comparison")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                         help="one run per head and seed (default: %(default)s)")
     parser.add_argument("--margins", type=int, nargs="+", default=[0, 2, 3, 4],
