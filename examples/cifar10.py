@@ -109,18 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     train, test = common.load_cifar10(args.data)
-    split = "test"
-    if args.validation:
-        train, test = common.validation_split(train, VALIDATION_SIZE)
-        split = "validation"
-    iterations = args.iterations
-    if args.smoke:
-        train, test = common.smoke_subset(train, test)
-        iterations = None
-    epochs, total_steps = common.train_length(
-        len(train[1]), args.batch_size, 1, iterations
+    split = "validation" if args.validation else "test"
+    train, test, (epochs, total_steps), out = common.prepare_run(
+        args, train, test, 1, VALIDATION_SIZE * args.validation
     )
-    out = common.output_dir(args.out)
 
     common.seed_everything(args.seed)
     model = build_model(args.margin, args.weight_decay)

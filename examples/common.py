@@ -383,6 +383,25 @@ def train_length(
     return epochs, epochs * steps_per_epoch
 
 
+def prepare_run(
+    args, train: tuple, test: tuple, epochs: int, validation_size: int = 0
+) -> tuple:
+    """Applies --validation and --smoke; returns (train, test, steps, out).
+
+    `validation_size` > 0 holds that many training examples out as the
+    evaluation set. `steps` is `train_length`'s (epochs, total_steps), with
+    `args.iterations` overriding `epochs`; `out` is the created --out folder.
+    """
+    iterations = args.iterations
+    if validation_size:
+        train, test = validation_split(train, validation_size)
+    if args.smoke:
+        train, test = smoke_subset(train, test)
+        epochs, iterations = 1, None
+    steps = train_length(len(train[1]), args.batch_size, epochs, iterations)
+    return train, test, steps, output_dir(args.out)
+
+
 def compile_classifier(model, optimizer) -> None:
     model.compile(
         optimizer=optimizer,

@@ -175,13 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     train, test = common.load_mnist(args.data)
-    if args.smoke:
-        train, test = common.smoke_subset(train, test)
-        args.epochs, args.iterations = 1, None
-    steps = common.train_length(
-        len(train[1]), args.batch_size, args.epochs, args.iterations
-    )
-    out = common.output_dir(args.out)
+    train, test, steps, out = common.prepare_run(args, train, test, args.epochs)
     results = [train_one(m, args, train, test, steps) for m in args.margins]
     png = os.path.join(out, "features_2d.png")
     plot(results, test[1], png, args.max_points)

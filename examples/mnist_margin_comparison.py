@@ -183,15 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     train, test = common.load_mnist(args.data)
     split = split_name(args)
-    if args.validation:
-        train, test = common.validation_split(train, VALIDATION_SIZE)
-    if args.smoke:
-        train, test = common.smoke_subset(train, test)
-        args.epochs, args.iterations = 1, None
-    steps = common.train_length(
-        len(train[1]), args.batch_size, args.epochs, args.iterations
+    train, test, steps, out = common.prepare_run(
+        args, train, test, args.epochs, VALIDATION_SIZE * args.validation
     )
-    out = common.output_dir(args.out)
     runs = [
         run_one(margin, seed, args, train, test, steps)
         for margin in args.margins
