@@ -34,8 +34,9 @@ Timing: after `--warmup` calls (the first traces and compiles), the variants
 of one C are run interleaved (A B C A B C ..., both compile modes in the same
 round) for `--repeats` rounds. Each sample times `inner` consecutive steps
 and is divided by `inner`; `inner` is chosen per C so that one sample of the
-fastest variant lasts about `--min-sample-ms` (override with `--inner`). The
-table reports the median per-step time, its interquartile range, and the
+fastest variant lasts about `--min-sample-ms` (override with `--inner`);
+on a shared 2-core machine single steps of a few milliseconds vary by a
+third, and 0.1 s samples average that out. The table reports the median per-step time, its interquartile range, and the
 ratio of medians to `dense` in the same run and compile mode.
 
 Peak memory is the extra memory one step needs beyond what is allocated
@@ -115,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=256, help="batch size B")
     parser.add_argument("--dim", type=int, default=512, help="feature size D")
     parser.add_argument(
-        "--repeats", type=int, default=20,
+        "--repeats", type=int, default=30,
         help="interleaved timing rounds (samples per variant)",
     )
     parser.add_argument(
@@ -128,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--min-sample-ms",
     )
     parser.add_argument(
-        "--min-sample-ms", type=float, default=20.0,
+        "--min-sample-ms", type=float, default=100.0,
         help="target duration of one timing sample when --inner is 0",
     )
     parser.add_argument(
@@ -240,7 +241,10 @@ class Variant:
             return self.head(x, labels=y, training=True)
 
         self.head.build((args.batch, args.dim))
-        self.head.kernel.assign(kernel0)  # identical weights for all heads
+        # Identical weights for all heads. `kernel0` has the (D, C) layout
+        # of the Dense and autodiff kernels; LSoftmaxDense stores one row
+        # per class, (C, D).
+        self.head.kernel.assign(kernel0.T if name == "lsoftmax" else kernel0)
         self.x = keras.Variable(x0, trainable=True, name="features")
         self.variables = [self.x, self.head.kernel]
         self.optimizer = keras.optimizers.SGD(learning_rate=1e-3, momentum=0.9)

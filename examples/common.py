@@ -339,7 +339,9 @@ def fit_classifier(
 
 def evaluate_head(model, test: tuple, verbose: int) -> dict:
     """Accuracy on `test` (plain logits), the "features" layer's outputs,
-    the "head" layer's kernel and λ, and `angle_stats` of the features."""
+    the "head" layer's class weights as a (C, D) "kernel" (one row per class,
+    as `LSoftmaxDense` stores them; a `Dense` head's kernel is transposed)
+    and λ, and `angle_stats` of the features."""
     accuracy = model.evaluate(
         test[0], test[1], batch_size=1000, verbose=verbose, return_dict=True
     )["accuracy"]
@@ -348,6 +350,8 @@ def evaluate_head(model, test: tuple, verbose: int) -> dict:
     ).predict(test[0], batch_size=1000, verbose=0)
     head = model.get_layer("head")
     kernel = keras.ops.convert_to_numpy(head.kernel)
+    if isinstance(head, keras.layers.Dense):  # the softmax head, (D, C)
+        kernel = kernel.T
     lam = getattr(head, "lambda_", None)
     return {
         "accuracy": float(accuracy),
@@ -423,7 +427,7 @@ def angle_stats(features: np.ndarray, labels: np.ndarray, kernel) -> dict:
     - `inter_means`: the smallest angle between the mean directions of two
       classes. Large = well-separated classes.
     - `inter_weights`: the smallest angle between two class weight vectors
-      (columns of `kernel`, shape (D, C)).
+      (rows of `kernel`, shape (C, D)).
 
     Classes are the true labels.
     """
@@ -442,7 +446,7 @@ def angle_stats(features: np.ndarray, labels: np.ndarray, kernel) -> dict:
     return {
         "intra": float(np.degrees(np.arccos(cos_intra)).mean()),
         "inter_means": min_pairwise(means),
-        "inter_weights": min_pairwise(np.asarray(kernel).T),
+        "inter_weights": min_pairwise(np.asarray(kernel)),
     }
 
 

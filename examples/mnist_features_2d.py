@@ -106,7 +106,7 @@ def plot(results: list, labels: np.ndarray, path: str, max_points: int) -> None:
                 rasterized=True,
                 label=str(c),
             )
-        directions = common.unit_rows(result["kernel"].T)
+        directions = common.unit_rows(result["kernel"])
         for c, (dx, dy) in enumerate(directions):
             ax.plot(
                 [0, limit * dx], [0, limit * dy], color=colors[c], lw=1.5

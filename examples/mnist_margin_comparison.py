@@ -35,7 +35,7 @@ features (the input of the head), in degrees:
 - min inter-class angle (means): the smallest angle between the mean
   directions of two classes; larger is better separated;
 - min inter-class angle (W): the smallest angle between two class weight
-  vectors (columns of the head's kernel).
+  vectors (the head's class weights).
 
 Angles are averaged over the seeds. Training time is the mean wall time of
 `fit` per run.

@@ -32,9 +32,20 @@ class LSoftmaxDense(keras.layers.Layer):
         f_y = (λ·x·w_y + ‖x‖‖w_y‖·ψ(θ)) / (1 + λ),   cos θ = x·w_y / (‖x‖‖w_y‖)
 
     with ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]; every other
-    logit stays `x @ kernel`. Otherwise (inference, evaluation, or no labels)
-    it returns the plain logits `x @ kernel`, so `predict` needs no labels.
+    logit stays `x @ kernelᵀ`. Otherwise (inference, evaluation, or no
+    labels) it returns the plain logits `x @ kernelᵀ`, so `predict` needs no
+    labels.
     Feed its output to a softmax cross-entropy with `from_logits=True`.
+
+    The kernel holds one row of class weights per class, shape
+    (units, input_dim), as in the authors' Caffe layer and `torch.nn.Linear`
+    (`keras.layers.Dense` stores the transpose): a training step then reads
+    and updates only the B contiguous rows of the labelled classes. An
+    initializer sees the shape of a Dense kernel, (input_dim, units), so its
+    fan-in and fan-out mean what they mean for Dense; a constraint or
+    regularizer sees the stored (units, input_dim) kernel, so
+    `keras.constraints.UnitNorm(axis=1)` keeps each class weight at unit
+    norm.
 
     The layer has no bias, as in the paper. λ (`lambda_`) is a float32,
     non-trainable variable: anneal it with `keras_lsoftmax.LambdaScheduler`,
@@ -61,9 +72,10 @@ class LSoftmaxDense(keras.layers.Layer):
             unit norm inside the forward pass (the A-Softmax / SphereFace
             variant) and the gradient is the exact one through that scaling;
             the stored kernel is never changed in place.
-        kernel_initializer: initializer for the kernel (D, C).
-        kernel_regularizer: regularizer for the kernel.
-        kernel_constraint: constraint for the kernel.
+        kernel_initializer: initializer for the kernel, called with the
+            Dense shape (input_dim, units); its result is stored transposed.
+        kernel_regularizer: regularizer for the kernel (units, input_dim).
+        kernel_constraint: constraint for the kernel (units, input_dim).
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`,
             `trainable`, ...).
 
@@ -149,8 +161,8 @@ class LSoftmaxDense(keras.layers.Layer):
             )
         self.kernel = self.add_weight(
             name="kernel",
-            shape=(input_shape[-1], self.units),
-            initializer=self.kernel_initializer,
+            shape=(self.units, input_shape[-1]),
+            initializer=self._transposed_initializer,
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
             autocast=False,
@@ -158,6 +170,13 @@ class LSoftmaxDense(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(
             ndim=2, axes={-1: input_shape[-1]}
         )
+
+    def _transposed_initializer(
+        self, shape: tuple, dtype: Any = None
+    ) -> tf.Tensor:
+        units, input_dim = shape
+        dense_kernel = self.kernel_initializer((input_dim, units), dtype=dtype)
+        return keras.ops.transpose(dense_kernel)
 
     def set_lambda(self, value: float) -> None:
         """Assigns λ after checking that it is a float ≥ 0."""
@@ -168,7 +187,7 @@ class LSoftmaxDense(keras.layers.Layer):
     ) -> tf.Tensor:
         kernel = tf.convert_to_tensor(self.kernel)
         if self.normalize_weights:
-            kernel = tf.math.l2_normalize(kernel, axis=0, epsilon=1e-12)
+            kernel = tf.math.l2_normalize(kernel, axis=1, epsilon=1e-12)
         scope = current_label_scope()
         if labels is None and scope is not None:
             labels = scope.labels

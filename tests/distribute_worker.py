@@ -60,7 +60,7 @@ def initial_weights() -> list[np.ndarray]:
     return [
         rng.normal(scale=0.5, size=(FEATURES, HIDDEN)).astype("float32"),
         rng.normal(scale=0.1, size=(HIDDEN,)).astype("float32"),
-        rng.normal(scale=0.5, size=(HIDDEN, CLASSES)).astype("float32"),
+        rng.normal(scale=0.5, size=(CLASSES, HIDDEN)).astype("float32"),
     ]
 
 

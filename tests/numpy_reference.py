@@ -46,7 +46,7 @@ def target_geometry(x, w, labels):
     """Per sample: ‖x‖, ‖w_y‖, x·w_y and cos θ (0 where a norm is 0)."""
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
-    w_y = w[:, np.asarray(labels)].T
+    w_y = w[np.asarray(labels)]
     a = np.linalg.norm(x, axis=1)
     b = np.linalg.norm(w_y, axis=1)
     dot = np.sum(x * w_y, axis=1)
@@ -56,14 +56,14 @@ def target_geometry(x, w, labels):
 
 
 def lsoftmax_ref(x, w, labels, margin: int, lam: float) -> np.ndarray:
-    """The paper's L-Softmax logits, in float64."""
+    """The paper's L-Softmax logits, in float64; `w` holds one row per class."""
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
     labels = np.asarray(labels)
     a, b, _, cos = target_geometry(x, w, labels)
     psi = psi_ref(np.arccos(cos), margin)
     target = (lam * a * b * cos + a * b * psi) / (1.0 + lam)
-    out = x @ w
+    out = x @ w.T
     out[np.arange(len(labels)), labels] = target
     return out
 
@@ -76,14 +76,14 @@ def breakpoint_distance(theta: np.ndarray, margin: int) -> np.ndarray:
 
 
 def features_at_angles(rng, w, labels, theta, norms=None) -> np.ndarray:
-    """Features x_i at angle θ_i from their class weight w[:, labels[i]].
+    """Features x_i at angle θ_i from their class weight w[labels[i]].
 
     Each x_i is r_i·(cos θ_i·ŵ + sin θ_i·v̂) with v̂ a random unit vector
     orthogonal to ŵ, so a test can place samples in every interval of ψ.
     """
     w = np.asarray(w, dtype=np.float64)
     theta = np.asarray(theta, dtype=np.float64)
-    u = w[:, np.asarray(labels)].T
+    u = w[np.asarray(labels)]
     u = u / np.linalg.norm(u, axis=1, keepdims=True)
     v = rng.standard_normal(u.shape)
     v -= np.sum(v * u, axis=1, keepdims=True) * u
@@ -107,7 +107,7 @@ def sample_away_from_breakpoints(
     so angles closer than `min_distance` (radians) to one are redrawn.
     """
     labels = np.asarray(labels)
-    w = rng.standard_normal((input_dim, num_classes))
+    w = rng.standard_normal((num_classes, input_dim))
     theta = rng.uniform(0.0, np.pi, size=len(labels))
     while True:
         bad = breakpoint_distance(theta, margin) <= min_distance
@@ -127,8 +127,8 @@ def lsoftmax_autodiff(x, w, labels, margin: int, lam) -> tf.Tensor:
     x = tf.convert_to_tensor(x)
     w = tf.convert_to_tensor(w, dtype=x.dtype)
     lam = tf.cast(lam, x.dtype)
-    logits = tf.matmul(x, w)
-    w_y = tf.transpose(tf.gather(w, labels, axis=1))
+    logits = tf.matmul(x, w, transpose_b=True)
+    w_y = tf.gather(w, labels)
     a = tf.norm(x, axis=1)
     b = tf.norm(w_y, axis=1)
     cos = tf.clip_by_value(tf.reduce_sum(x * w_y, axis=1) / (a * b), -1.0, 1.0)
@@ -139,5 +139,5 @@ def lsoftmax_autodiff(x, w, labels, margin: int, lam) -> tf.Tensor:
         t_prev, t = t, 2.0 * cos * t - t_prev
     psi = (1.0 - 2.0 * tf.math.floormod(k, 2.0)) * t - 2.0 * k
     target = (lam * a * b * cos + a * b * psi) / (1.0 + lam)
-    mask = tf.one_hot(labels, tf.shape(w)[1], dtype=x.dtype)
+    mask = tf.one_hot(labels, tf.shape(w)[0], dtype=x.dtype)
     return logits * (1.0 - mask) + mask * target[:, None]

@@ -158,8 +158,9 @@ def test_memory_device_names():
 def _random_problem(seed, batch=16, dim=8, classes=12):
     rng = np.random.default_rng(seed)
     x = tf.constant(rng.standard_normal((batch, dim)))
+    # The reference's (D, C) layout, that of a Dense kernel.
     w = tf.constant(rng.standard_normal((dim, classes)))
-    # Repeated labels, so one kernel column collects several margin terms.
+    # Repeated labels, so one class weight collects several margin terms.
     labels = tf.constant(rng.integers(0, classes // 2, batch), tf.int32)
     upstream = tf.constant(rng.standard_normal((batch, classes)))
     return x, w, labels, upstream
@@ -172,14 +173,18 @@ def test_autodiff_reference_matches_op_float64(margin, lam):
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([x, w])
         ref = autodiff_lsoftmax_logits(x, w, labels, margin, lam)
-        got = ops.lsoftmax_logits(x, w, labels, margin, lam)
+        # The op takes one row per class: the transpose, inside the tape.
+        got = ops.lsoftmax_logits(x, tf.transpose(w), labels, margin, lam)
         ref_loss = tf.reduce_sum(upstream * ref)
         got_loss = tf.reduce_sum(upstream * got)
     assert got.dtype == tf.float64 and ref.dtype == tf.float64
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-12, atol=1e-12)
-    # The non-target logits are exactly the plain ones in both.
+    # The non-target logits are exactly the plain ones in both. (The op may
+    # sum its product in another order than x @ w: a last-bit difference.)
     mask = tf.one_hot(labels, w.shape[1], True, False).numpy()
-    np.testing.assert_array_equal(got.numpy()[~mask], (x @ w).numpy()[~mask])
+    np.testing.assert_array_equal(ref.numpy()[~mask], (x @ w).numpy()[~mask])
+    plain = ops.plain_logits(x, tf.transpose(w))
+    np.testing.assert_array_equal(got.numpy()[~mask], plain.numpy()[~mask])
     for ref_grad, got_grad in zip(
         tape.gradient(ref_loss, [x, w]), tape.gradient(got_loss, [x, w])
     ):
@@ -215,7 +220,8 @@ def test_autodiff_layer_matches_lsoftmax_dense():
     ref = AutodiffLSoftmaxDense(4, margin=3, initial_lambda=2.0)
     ours.build(x.shape)
     ref.build(x.shape)
-    ref.kernel.assign(ours.kernel)
+    # The reference keeps Dense's (D, C) layout; ours is (C, D).
+    ref.kernel.assign(tf.transpose(ours.kernel))
     np.testing.assert_allclose(
         ref(x, labels=y, training=True).numpy(),
         ours(x, labels=y, training=True).numpy(),

@@ -288,7 +288,7 @@ def test_multi_worker_chief_save_loads_and_predicts(multi_worker):
         + np.asarray(w["hidden/bias"]),
         0.0,
     )
-    logits = hidden @ np.asarray(w["lsoftmax/kernel"])
+    logits = hidden @ np.asarray(w["lsoftmax/kernel"]).T
     np.testing.assert_allclose(predicted, logits, rtol=1e-5, atol=1e-5)
     assert float(model.get_layer("lsoftmax").lambda_.numpy()) == chief["lambda"]
 

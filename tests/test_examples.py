@@ -217,7 +217,9 @@ def test_angle_stats(examples_module):
          np.stack([-np.sin(spread), np.cos(spread)], 1)]
     )
     labels = np.array([0, 0, 1, 1])
-    kernel = np.array([[1.0, 1.0], [0.0, 1.0]])  # W_0 at 0°, W_1 at 45°
+    # One row per class: W_0 at 0°, W_1 at 45°, W_2 at 270°. (Read as
+    # columns, the two 3-D weights would be 60° apart.)
+    kernel = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
     stats = common.angle_stats(features, labels, kernel)
     assert stats["intra"] == pytest.approx(10.0)
     assert stats["inter_means"] == pytest.approx(90.0)

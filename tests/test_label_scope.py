@@ -66,7 +66,7 @@ def test_explicit_labels_take_precedence(layer, x):
 def test_inference_inside_scope_gives_plain_logits(layer, x):
     with label_scope(LABELS) as scope:
         out = layer(x, training=False)
-    np.testing.assert_allclose(out, x @ layer.kernel.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, x @ layer.kernel.numpy().T, rtol=1e-6, atol=1e-6)
     # Evaluation still records (plain) targets and cos θ for metrics.
     assert len(scope.records) == 1
 

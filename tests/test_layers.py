@@ -1,8 +1,9 @@
 """Tests of `keras_lsoftmax.LSoftmaxDense`.
 
-Covers constructor validation, the weights, plain versus margin logits, label
-formats, λ handling under `tf.function`, serialization, normalized weights
-(with a finite-difference check of the kernel gradient), mixed precision and
+Covers constructor validation, the weights and their (units, input_dim)
+layout, plain versus margin logits, label formats, λ handling under
+`tf.function`, serialization, normalized weights (with a finite-difference
+check of the kernel gradient) and a unit-norm constraint, mixed precision and
 labels handed over by `keras_lsoftmax.label_scope`.
 """
 
@@ -38,8 +39,8 @@ def _kernel(layer):
     return layer.kernel.numpy()
 
 
-def _unit_columns(w):
-    return w / np.linalg.norm(w, axis=0, keepdims=True)
+def _unit_rows(w):
+    return w / np.linalg.norm(w, axis=1, keepdims=True)
 
 
 # ------------------------------------------------------------ constructor
@@ -80,7 +81,7 @@ def test_weights():
     assert layer.trainable_weights == [layer.kernel]
     assert layer.non_trainable_weights == [layer.lambda_]
     assert len(layer.weights) == 2
-    assert tuple(layer.kernel.shape) == (D, UNITS)
+    assert tuple(layer.kernel.shape) == (UNITS, D)
     assert layer.kernel.dtype == "float32"
     assert tuple(layer.lambda_.shape) == ()
     assert layer.lambda_.dtype == "float32"
@@ -96,13 +97,28 @@ def test_lambda_exists_before_build():
     assert layer.lambda_.numpy() == 3.0
 
 
+@pytest.mark.parametrize(
+    "initializer", [keras.initializers.GlorotUniform, keras.initializers.HeNormal]
+)
+def test_seeded_initializer_gives_the_transposed_dense_kernel(initializer):
+    # The initializer sees Dense's (input_dim, units), so its fan-in is
+    # input_dim; D ≠ UNITS, so a mix-up of the two shapes would show.
+    layer = _layer(kernel_initializer=initializer(seed=3))
+    dense = keras.layers.Dense(
+        UNITS, use_bias=False, kernel_initializer=initializer(seed=3)
+    )
+    dense.build((None, D))
+    assert tuple(dense.kernel.shape) == (D, UNITS)
+    np.testing.assert_array_equal(_kernel(layer), dense.kernel.numpy().T)
+
+
 # ------------------------------------------------------------------- call
 
 
 def test_plain_logits_without_labels_or_outside_training():
     layer = _layer(margin=4)
     x = _inputs()
-    plain = x @ _kernel(layer)
+    plain = x @ _kernel(layer).T
     for out in (
         layer(x),
         layer(x, training=None),
@@ -125,7 +141,7 @@ def test_margin_logits_in_training(margin, lam):
     reference = ref.lsoftmax_ref(x, _kernel(layer), LABELS, margin, lam)
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
     rows = np.arange(B)
-    changed = out.numpy()[rows, LABELS] != (x @ _kernel(layer))[rows, LABELS]
+    changed = out.numpy()[rows, LABELS] != (x @ _kernel(layer).T)[rows, LABELS]
     assert changed.all() == (margin > 1)
 
 
@@ -237,7 +253,7 @@ def _custom_layer():
         normalize_weights=True,
         kernel_initializer="he_normal",
         kernel_regularizer=keras.regularizers.L2(1e-3),
-        kernel_constraint=keras.constraints.MaxNorm(3.0),
+        kernel_constraint=keras.constraints.MaxNorm(3.0, axis=1),
         name="head",
     )
 
@@ -252,6 +268,7 @@ def test_config_round_trip():
     assert isinstance(clone.kernel_initializer, keras.initializers.HeNormal)
     assert clone.kernel_regularizer.get_config() == {"l2": pytest.approx(1e-3)}
     assert isinstance(clone.kernel_constraint, keras.constraints.MaxNorm)
+    assert clone.kernel_constraint.axis == 1
     clone.build((None, D))
     clone.set_weights(layer.get_weights())
     assert clone.lambda_.numpy() == 0.75
@@ -280,11 +297,12 @@ def test_keras_serialize_finds_registered_class():
 
 def test_normalized_weights_forward():
     layer = _layer(margin=4, initial_lambda=0.5, normalize_weights=True)
-    # Unequal column norms, so that normalising matters.
-    layer.kernel.assign(_kernel(layer) * np.array([0.1, 1.0, 5.0], np.float32))
+    # Unequal row norms, so that normalising matters.
+    scale = np.array([0.1, 1.0, 5.0], np.float32)[:, None]
+    layer.kernel.assign(_kernel(layer) * scale)
     x = _inputs()
-    w_hat = _unit_columns(_kernel(layer))
-    np.testing.assert_allclose(layer(x), x @ w_hat, rtol=1e-5, atol=1e-6)
+    w_hat = _unit_rows(_kernel(layer))
+    np.testing.assert_allclose(layer(x), x @ w_hat.T, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         layer(x, labels=LABELS, training=True),
         ops.lsoftmax_logits(x, w_hat, LABELS, 4, 0.5),
@@ -292,14 +310,14 @@ def test_normalized_weights_forward():
         atol=1e-6,
     )
     # The stored kernel is never normalised in place.
-    assert not np.allclose(np.linalg.norm(_kernel(layer), axis=0), 1.0)
+    assert not np.allclose(np.linalg.norm(_kernel(layer), axis=1), 1.0)
 
 
 @pytest.mark.parametrize("margin", [2, 4])
 def test_normalized_weights_kernel_gradient(margin):
     rng = np.random.default_rng(margin)
     x, w = ref.sample_away_from_breakpoints(rng, LABELS, D, UNITS, margin)
-    w *= np.array([0.3, 1.0, 4.0])
+    w *= np.array([0.3, 1.0, 4.0])[:, None]
     upstream = rng.standard_normal((B, UNITS))
     layer = LSoftmaxDense(
         UNITS,
@@ -331,7 +349,7 @@ def test_normalized_weights_kernel_gradient(margin):
     )
 
     # The same as the chain rule through Ŵ = W/‖W‖ on the op's own gradient.
-    norms = np.linalg.norm(w, axis=0)
+    norms = np.linalg.norm(w, axis=1, keepdims=True)
     w_hat = tf.constant(w / norms)
     with tf.GradientTape() as tape:
         tape.watch(w_hat)
@@ -340,14 +358,14 @@ def test_normalized_weights_kernel_gradient(margin):
         )
     g_hat = tape.gradient(inner, w_hat).numpy()
     w_hat = w_hat.numpy()
-    chain = (g_hat - w_hat * np.sum(w_hat * g_hat, axis=0)) / norms
+    chain = (g_hat - w_hat * np.sum(w_hat * g_hat, axis=1, keepdims=True)) / norms
     np.testing.assert_allclose(grad, chain, rtol=1e-10, atol=1e-12)
 
 
-def test_normalized_weights_zero_column_stays_finite():
+def test_normalized_weights_zero_row_stays_finite():
     layer = _layer(margin=4, normalize_weights=True)
     kernel = _kernel(layer)
-    kernel[:, 1] = 0.0
+    kernel[1] = 0.0
     layer.kernel.assign(kernel)
     x = _inputs()
     with tf.GradientTape() as tape:
@@ -356,6 +374,27 @@ def test_normalized_weights_zero_column_stays_finite():
     grad = tape.gradient(loss, layer.kernel)
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(grad))
     np.testing.assert_array_equal(out.numpy()[:, 1], 0.0)
+
+
+def test_unit_norm_constraint_keeps_class_rows_at_unit_norm():
+    layer = _layer(margin=4, kernel_constraint=keras.constraints.UnitNorm(axis=1))
+    before = _kernel(layer)
+    x = _inputs()
+    with tf.GradientTape() as tape:
+        out = layer(x, labels=LABELS, training=True)
+        loss = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(LABELS, out)
+        )
+    grad = tape.gradient(loss, layer.kernel).numpy()
+    keras.optimizers.SGD(0.5).apply([grad], [layer.kernel])
+    # The constraint projects the SGD step onto unit rows ...
+    kernel = _kernel(layer)
+    np.testing.assert_allclose(
+        kernel, _unit_rows(before - 0.5 * grad), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(np.linalg.norm(kernel, axis=1), 1.0, rtol=1e-6)
+    # ... not onto unit columns: UNITS unit rows cannot give D unit columns.
+    assert not np.allclose(np.linalg.norm(kernel, axis=0), 1.0)
 
 
 # -------------------------------------------------------- mixed precision
@@ -384,7 +423,7 @@ def test_mixed_precision_outputs_float32(mixed_policy):
     tol = 5e-3 if mixed_policy == "mixed_float16" else 3e-2
     scale = np.max(np.abs(expected))
     np.testing.assert_allclose(out, expected, rtol=0, atol=tol * scale)
-    np.testing.assert_allclose(plain, x @ kernel, rtol=0, atol=tol * scale)
+    np.testing.assert_allclose(plain, x @ kernel.T, rtol=0, atol=tol * scale)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(layer(x, labels=LABELS, training=True))
     grad = tape.gradient(loss, layer.kernel)
@@ -407,7 +446,7 @@ def test_label_scope_hands_labels_to_the_layer():
     np.testing.assert_array_equal(record.outputs, out)
     np.testing.assert_array_equal(record.labels, LABELS)
     _, _, dot, cos = ref.target_geometry(x, _kernel(layer), LABELS)
-    plain = x @ _kernel(layer)
+    plain = x @ _kernel(layer).T
     np.testing.assert_allclose(
         record.plain_target, plain[np.arange(B), LABELS], rtol=1e-5, atol=1e-6
     )

@@ -59,7 +59,7 @@ def _initial_weights(seed=1):
     return (
         rng.normal(scale=0.4, size=(D, H)).astype("float32"),
         rng.normal(scale=0.1, size=(H,)).astype("float32"),
-        rng.normal(scale=0.4, size=(H, C)).astype("float32"),
+        rng.normal(scale=0.4, size=(C, H)).astype("float32"),
     )
 
 
@@ -133,7 +133,7 @@ def _check_float32_margin(policy, standalone):
     print(f"\n{policy}: relative error of the margin logits {error:.3g}")
     assert error <= 1e-5
     # The margin changed the target logits (the check is not vacuous).
-    assert _max_rel(expected, rounded.astype(np.float64) @ kernel) > 0.1
+    assert _max_rel(expected, rounded.astype(np.float64) @ kernel.T) > 0.1
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -304,7 +304,7 @@ def _op_step(x, w, labels, lam, upstream, margin):
 def test_op_forward_and_gradient_under_xla(margin, dtype, tol):
     rng = np.random.default_rng(margin)
     x = tf.constant(rng.normal(size=(32, 12)).astype(dtype))
-    w = tf.constant(rng.normal(size=(12, 6)).astype(dtype))
+    w = tf.constant(rng.normal(size=(6, 12)).astype(dtype))
     labels = tf.constant(rng.integers(0, 6, size=32), tf.int32)
     upstream = tf.constant(rng.normal(size=(32, 6)).astype(dtype))
     lam = tf.Variable(0.25, dtype=dtype)

@@ -91,7 +91,7 @@ def _sparse_ce():
 
 def _weights(model):
     weights = [v.numpy() for v in model.trainable_variables]
-    assert [w.shape for w in weights] == [(D, H), (H,), (H, C)]
+    assert [w.shape for w in weights] == [(D, H), (H,), (C, H)]
     return weights
 
 
@@ -283,7 +283,7 @@ def _cross_entropy(logits, y):
 
 
 def _mean_theta_degrees(features, kernel, y):
-    w_y = kernel[:, y].T
+    w_y = kernel[y]
     cos = np.sum(features * w_y, axis=1) / (
         np.linalg.norm(features, axis=1) * np.linalg.norm(w_y, axis=1)
     )
@@ -328,7 +328,7 @@ def test_fit_reports_plain_logit_metrics_and_margin_loss(mnist):
     hidden, head = model.layers
     features = hidden(x).numpy()
     kernel = head.kernel.numpy()
-    plain = features @ kernel
+    plain = features @ kernel.T
     margin = ops.lsoftmax_logits(features, kernel, y, 4, 0.0).numpy()
     plain_accuracy = np.mean(np.argmax(plain, axis=1) == y)
     margin_accuracy = np.mean(np.argmax(margin, axis=1) == y)
@@ -361,7 +361,7 @@ def test_logs_and_metrics_with_a_frozen_model(kind):
     assert results["lsoftmax_theta"] == pytest.approx(theta, rel=1e-5)
 
     # Accuracy on the plain logits, in fit as in evaluate.
-    plain = features @ weights[2]
+    plain = features @ weights[2].T
     margin = ops.lsoftmax_logits(features, weights[2], y, MARGIN, 3.5).numpy()
     plain_accuracy = np.mean(np.argmax(plain, axis=1) == y)
     assert np.mean(np.argmax(margin, axis=1) == y) != plain_accuracy
@@ -377,7 +377,7 @@ def test_predict_returns_plain_logits(kind):
     logits = model.predict(x, batch_size=8, verbose=0)
     assert logits.shape == (24, C)
     np.testing.assert_allclose(
-        logits, _features(weights, x) @ weights[2], rtol=1e-5, atol=1e-6
+        logits, _features(weights, x) @ weights[2].T, rtol=1e-5, atol=1e-6
     )
 
 

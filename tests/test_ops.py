@@ -28,7 +28,7 @@ def _rel_err(got, expected) -> float:
 def _spread_data(seed, batch=48, dim=4, num_classes=5):
     """(x, w, labels) in float64 with target angles spread over [0, π]."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((dim, num_classes))
+    w = rng.standard_normal((num_classes, dim))
     labels = rng.integers(0, num_classes, size=batch)
     theta = rng.permutation(np.linspace(0.005, np.pi - 0.005, batch))
     return ref.features_at_angles(rng, w, labels, theta), w, labels
@@ -44,11 +44,11 @@ def _grads(x, w, labels, margin, lam, upstream, fn=ops.lsoftmax_logits):
     return out, tape.gradient(loss, [x, w])
 
 
-@pytest.fixture(params=["full_pass", "column_scatter"])
+@pytest.fixture(params=["full_pass", "row_scatter"])
 def radial_path(request, monkeypatch):
     """Runs a test through both ways the op adds the kernel's radial term."""
-    if request.param == "column_scatter":
-        monkeypatch.setattr(ops, "_FULL_PASS_MAX_CLASSES", 0)
+    full_pass = request.param == "full_pass"
+    monkeypatch.setattr(ops, "_full_pass", lambda x, w: full_pass)
     return request.param
 
 
@@ -75,7 +75,7 @@ def test_margin_one_equals_plain_logits_exactly(lam, dtype):
     x, w, labels = _spread_data(1)
     x, w = x.astype(dtype), w.astype(dtype)
     got = ops.lsoftmax_logits(x, w, labels, 1, lam)
-    np.testing.assert_array_equal(got, tf.matmul(x, w))
+    np.testing.assert_array_equal(got, ops.plain_logits(x, w))
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-6), (np.float64, 1e-10)])
@@ -84,7 +84,7 @@ def test_huge_lambda_tends_to_plain_logits(margin, dtype, tol):
     x, w, labels = _spread_data(margin)
     x, w = x.astype(dtype), w.astype(dtype)
     got = ops.lsoftmax_logits(x, w, labels, margin, 1e12)
-    assert _rel_err(got, x.astype(np.float64) @ w.astype(np.float64)) <= tol
+    assert _rel_err(got, x.astype(np.float64) @ w.astype(np.float64).T) <= tol
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
@@ -94,7 +94,7 @@ def test_non_target_logits_are_exactly_plain(margin, lam):
     # zeroes them, at λ = 0.5 it divides them by 3.
     x, w, labels = _spread_data(margin)
     got = ops.lsoftmax_logits(x, w, labels, margin, lam).numpy()
-    plain = tf.matmul(x, w).numpy()
+    plain = ops.plain_logits(x, w).numpy()
     non_target = np.ones_like(plain, dtype=bool)
     non_target[np.arange(len(labels)), labels] = False
     np.testing.assert_array_equal(got[non_target], plain[non_target])
@@ -252,11 +252,95 @@ def test_tf_function_and_xla_match_eager(margin, jit_compile, radial_path):
     )
 
 
+@pytest.mark.parametrize("static_batch", [True, False])
+@pytest.mark.parametrize("batch, num_classes", [(24, 5), (4, 300)])
+def test_paths_chosen_by_batch_and_class_count(batch, num_classes, static_batch):
+    # Outside XLA, with more classes than samples, the logits are (w·xᵀ)ᵀ
+    # rather than x·wᵀ and the kernel gradient's radial term goes to the B
+    # labelled rows rather than through the whole kernel. An unknown batch
+    # size counts as 256 (more than 5 classes, fewer than 300).
+    x, w, labels = _spread_data(2, batch=batch, num_classes=num_classes)
+    x, w = x.astype(np.float32), w.astype(np.float32)
+    upstream = np.random.default_rng(3).standard_normal((batch, num_classes))
+    rows = batch if static_batch else None
+    step = tf.function(
+        lambda x, w: _grads(x, w, labels, 4, 0.5, upstream),
+        input_signature=[
+            tf.TensorSpec((rows, x.shape[1])),
+            tf.TensorSpec(w.shape),
+        ],
+    )
+    out, grads = step(x, w)
+    ref_out, ref_grads = _grads(
+        x, w, labels, 4, 0.5, upstream, fn=ref.lsoftmax_autodiff
+    )
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * np.max(np.abs(r)))
+    plain = tf.function(ops.plain_logits, input_signature=step.input_signature)
+    np.testing.assert_allclose(plain(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    many_classes = num_classes > (rows or 256)
+    types = [op.type for op in plain.get_concrete_function().graph.get_operations()]
+    assert ("Transpose" in types) == many_classes
+    types = [op.type for op in step.get_concrete_function().graph.get_operations()]
+    assert types.count("ScatterNdNonAliasingAdd") == (3 if many_classes else 2)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_graph_updates_labelled_entries_without_copying(jit_compile, radial_path):
+    # TensorScatterAdd copies its whole (B, C) or (D, C) input outside XLA;
+    # ScatterNdNonAliasingAdd reuses it but cannot be compiled by XLA.
+    x, w, labels = _spread_data(4, batch=16)
+    upstream = np.ones((16, 5))
+    step = tf.function(
+        lambda x, w: _grads(x, w, labels, 4, 0.5, upstream),
+        jit_compile=jit_compile,
+    )
+    graph = step.get_concrete_function(x, w).graph
+    types = [op.type for op in graph.get_operations()]
+    in_place, copying = "ScatterNdNonAliasingAdd", "TensorScatterAdd"
+    if jit_compile:
+        in_place, copying = copying, in_place
+    # Logits and upstream gradient, plus the labelled rows of the kernel
+    # gradient unless a pass over the whole kernel adds its radial term.
+    expected = 3 if radial_path == "row_scatter" else 2
+    assert types.count(in_place) == expected
+    assert copying not in types
+    assert "TensorScatterUpdate" not in types
+
+
+@pytest.mark.parametrize("in_function", [False, True])
+def test_gradient_leaves_caller_tensors_unchanged(in_function, radial_path):
+    # The in-place updates must never write into a buffer the caller holds.
+    x, w, labels = _spread_data(4, batch=16)
+    x, w = tf.constant(x), tf.constant(w)
+    upstream = tf.constant(np.random.default_rng(1).standard_normal((16, 5)))
+    saved = [t.numpy().copy() for t in (x, w, upstream)]
+
+    def step(x, w, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            out = ops.lsoftmax_logits(x, w, labels, 4, 0.5)
+        return out, tape.gradient(out, [x, w], output_gradients=upstream)
+
+    if in_function:
+        step = tf.function(step)
+    out, grads = step(x, w, upstream)
+    for tensor, before in zip((x, w, upstream), saved):
+        np.testing.assert_array_equal(tensor, before)
+    expected_out, expected_grads = _grads(
+        x, w, labels, 4, 0.5, upstream, fn=ref.lsoftmax_autodiff
+    )
+    np.testing.assert_allclose(out, expected_out, rtol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-12)
+
+
 # --------------------------------------------------------------- numerics
 
 
 def _assert_finite_with_grads(x, w, labels, margin, lam):
-    upstream = np.ones((len(labels), w.shape[1]))
+    upstream = np.ones((len(labels), w.shape[0]))
     out, grads = _grads(x, w, labels, margin, lam, upstream)
     assert np.all(np.isfinite(out))
     for g in grads:
@@ -276,10 +360,10 @@ def test_zero_feature_rows(margin, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("margin", [2, 4, 8])
-def test_zero_kernel_columns(margin, dtype, radial_path):
+def test_zero_class_weights(margin, dtype, radial_path):
     x, w, labels = _spread_data(margin, batch=8)
     x, w = x.astype(dtype), w.astype(dtype)
-    w[:, 1] = 0.0
+    w[1] = 0.0
     labels[:3] = 1
     out, _ = _assert_finite_with_grads(x, w, labels, margin, 0.0)
     np.testing.assert_array_equal(out[:, 1], 0.0)
@@ -290,17 +374,17 @@ def test_zero_kernel_columns(margin, dtype, radial_path):
 @pytest.mark.parametrize("margin", [1, 2, 4, 8])
 def test_parallel_and_antiparallel_features(margin, dtype, lam):
     rng = np.random.default_rng(margin)
-    w = rng.standard_normal((4, 3)).astype(dtype)
+    w = rng.standard_normal((3, 4)).astype(dtype)
     labels = np.array([0, 1, 2, 0])
     sides = np.array([1.0, -1.0, 2.0, -3.0], dtype=dtype)
-    x = sides[:, None] * w[:, labels].T  # cos θ = ±1 exactly (up to rounding)
+    x = sides[:, None] * w[labels]  # cos θ = ±1 exactly (up to rounding)
     rows = np.arange(4)
     upstream = np.zeros((4, 3))
     upstream[rows, labels] = 1.0
     out, (dx, _) = _grads(x, w, labels, margin, lam, upstream)
     assert np.all(np.isfinite(dx))
     a = np.linalg.norm(x.astype(np.float64), axis=1)
-    b = np.linalg.norm(w.astype(np.float64)[:, labels], axis=0)
+    b = np.linalg.norm(w.astype(np.float64)[labels], axis=1)
     cos = np.sign(sides)
     # ψ(0) = 1 and ψ(π) = 1 − 2m; ψ'(θ) = 0 at both ends, so ∂t/∂x is radial.
     factor = (lam * cos + np.where(cos > 0, 1.0, 1.0 - 2.0 * margin)) / (1 + lam)
@@ -317,7 +401,7 @@ def test_parallel_and_antiparallel_features(margin, dtype, lam):
 def test_large_norms_float32(margin):
     x, w, labels = _spread_data(margin, batch=16)
     x = 1e4 * x / np.linalg.norm(x, axis=1, keepdims=True)
-    w = 1e4 * w / np.linalg.norm(w, axis=0, keepdims=True)
+    w = 1e4 * w / np.linalg.norm(w, axis=1, keepdims=True)
     x, w = x.astype(np.float32), w.astype(np.float32)
     out, _ = _assert_finite_with_grads(x, w, labels, margin, 0.0)
     expected = ref.lsoftmax_ref(x, w, labels, margin, 0.0)
@@ -392,10 +476,10 @@ def test_non_scalar_lambda():
 @pytest.mark.parametrize(
     "x_shape, w_shape, name",
     [
-        ((4,), (3, 5), "inputs"),
-        ((4, 3, 1), (3, 5), "inputs"),
-        ((4, 3), (3, 5, 1), "kernel"),
-        ((4, 2), (3, 5), "inputs"),
+        ((4,), (5, 3), "inputs"),
+        ((4, 3, 1), (5, 3), "inputs"),
+        ((4, 3), (5, 3, 1), "kernel"),
+        ((4, 2), (5, 3), "inputs"),
     ],
 )
 def test_inputs_of_wrong_rank_or_size(x_shape, w_shape, name):
@@ -466,7 +550,7 @@ def test_labels_checked_before_any_gather_in_graph(dtype):
     # does not name `labels`.
     fn = tf.function(lambda x, w, y: ops.lsoftmax_logits(x, w, y, 4, 0.0))
     graph = fn.get_concrete_function(
-        tf.TensorSpec((4, 3)), tf.TensorSpec((3, 5)), tf.TensorSpec((4,), dtype)
+        tf.TensorSpec((4, 3)), tf.TensorSpec((5, 3)), tf.TensorSpec((4,), dtype)
     ).graph
     labels = graph.inputs[2].op
     indexing = [
