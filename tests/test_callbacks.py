@@ -12,6 +12,7 @@ from keras_lsoftmax import LSoftmaxDense
 from keras_lsoftmax import schedules
 from keras_lsoftmax.callbacks import LambdaScheduler
 from keras_lsoftmax.callbacks import find_lsoftmax_layers
+from tests.datasets import random_classification
 
 D, C = 6, 3  # features, classes
 N, BATCH = 32, 8  # 4 steps per epoch
@@ -33,10 +34,7 @@ class TraceCounter(keras.layers.Layer):
 
 
 def _data(seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(N, D)).astype("float32")
-    y = rng.integers(0, C, size=N).astype("int32")
-    return x, y
+    return random_classification(N, D, C, seed)
 
 
 def _model(steps_per_execution=1, head_name="head", counter=False):

@@ -29,6 +29,7 @@ import pytest
 
 import keras_lsoftmax
 from keras_lsoftmax import schedules
+from tests.datasets import random_classification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distribute_worker.py")
@@ -320,11 +321,7 @@ SCHEDULE = schedules.InverseDecay(10.0, 0.5, 1.0)  # changes every step
 
 
 def _bar_data():
-    rng = np.random.default_rng(5)
-    n = BATCH * STEPS_PER_EPOCH
-    x = rng.normal(size=(n, D)).astype("float32")
-    y = rng.integers(0, C, size=n).astype("int32")
-    return x, y
+    return random_classification(BATCH * STEPS_PER_EPOCH, D, C, seed=5)
 
 
 def _bar_model():

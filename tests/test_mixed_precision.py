@@ -25,6 +25,7 @@ from keras_lsoftmax import ops
 from keras_lsoftmax import schedules
 from tests import numpy_reference as ref
 from tests.datasets import MNIST_PATH as MNIST
+from tests.datasets import random_classification
 
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
 HALF = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
@@ -48,10 +49,7 @@ def _policy_is_restored():
 
 
 def _data(n=32, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, D)).astype("float32")
-    y = rng.integers(0, C, size=n).astype("int32")
-    return x, y
+    return random_classification(n, D, C, seed)
 
 
 def _initial_weights(seed=1):

@@ -7,16 +7,14 @@ import tensorflow as tf
 
 import keras_lsoftmax
 from keras_lsoftmax import LSoftmaxDense
+from tests.datasets import random_classification
 
 D, H, C = 20, 16, 5
 LAMBDA = 3.5
 
 
 def _data(n=32, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, D)).astype("float32")
-    y = rng.integers(0, C, size=n).astype("int32")
-    return x, y
+    return random_classification(n, D, C, seed)
 
 
 def _layers():
