@@ -1,5 +1,6 @@
 """Large-Margin Softmax (L-Softmax) for Keras 3 on TensorFlow."""
 
+from keras_lsoftmax import cloning  # noqa: F401 (wraps keras.models.clone_model)
 from keras_lsoftmax import ops
 from keras_lsoftmax import schedules
 from keras_lsoftmax.callbacks import LambdaScheduler

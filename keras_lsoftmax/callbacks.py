@@ -1,6 +1,5 @@
 """`LambdaScheduler`: anneals λ of the `LSoftmaxDense` layers during `fit`."""
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -8,6 +7,8 @@ import keras
 import numpy as np
 
 from keras_lsoftmax.layers import LSoftmaxDense
+from keras_lsoftmax.layers import find_lsoftmax_layers
+from keras_lsoftmax.layers import lambda_value
 
 _UNITS = ("step", "epoch")
 
@@ -216,79 +217,18 @@ class LambdaScheduler(keras.callbacks.Callback):
         return value
 
     def _checked_value(self, raw: Any, at: int) -> float:
-        message = (
-            f"The λ schedule {self.schedule!r} returned {raw!r} at "
-            f"{self.unit} {at}; λ must be a finite float >= 0. λ was left "
-            "unchanged."
-        )
-        if isinstance(raw, (bool, np.bool_)):
-            raise ValueError(message)
         try:
-            array = np.asarray(raw)
-        except Exception as error:  # anything that is not a number
-            raise ValueError(message) from error
-        if array.size != 1 or array.dtype.kind not in "iuf":
-            raise ValueError(message)
-        value = float(array.reshape(()))
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(message)
-        return value
+            return lambda_value(raw, "λ")
+        except ValueError as error:
+            raise ValueError(
+                f"The λ schedule {self.schedule!r} returned {raw!r} at "
+                f"{self.unit} {at}; λ must be a finite float >= 0. λ was "
+                "left unchanged."
+            ) from error
 
     def _current_lambda(self) -> float:
         layer = self._target_layers()[0]
         return float(np.asarray(layer.lambda_))
 
 
-def find_lsoftmax_layers(root: Any) -> list[LSoftmaxDense]:
-    """Every `LSoftmaxDense` in `root`, found recursively, in layer order.
-
-    Models are walked through their public `layers` list; other layers
-    through the layers held in their attributes (directly or in lists,
-    tuples and dicts). Each layer is listed once, even if shared.
-
-    Args:
-        root: a `keras.Model` or `keras.layers.Layer`.
-
-    Returns:
-        The list of `LSoftmaxDense` layers (`root` itself if it is one).
-    """
-    found: list[LSoftmaxDense] = []
-    seen: set[int] = set()
-
-    def visit(obj: Any) -> None:
-        if id(obj) in seen:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, LSoftmaxDense):
-            found.append(obj)
-            return
-        for child in _child_layers(obj):
-            visit(child)
-
-    visit(root)
-    return found
-
-
-def _child_layers(obj: Any) -> list[keras.layers.Layer]:
-    if isinstance(obj, keras.Model):
-        return list(obj.layers)
-    children: list[keras.layers.Layer] = []
-    seen_containers: set[int] = set()
-
-    def collect(value: Any) -> None:
-        if isinstance(value, keras.layers.Layer):
-            children.append(value)
-        elif isinstance(value, (list, tuple, dict)):
-            if id(value) in seen_containers:
-                return
-            seen_containers.add(id(value))
-            items = value.values() if isinstance(value, dict) else value
-            for item in items:
-                collect(item)
-
-    for value in vars(obj).values():
-        collect(value)
-    return children
-
-
-__all__ = ["LambdaScheduler", "find_lsoftmax_layers"]
+__all__ = ["LambdaScheduler"]

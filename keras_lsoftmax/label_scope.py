@@ -23,6 +23,8 @@ class HeadRecord:
             (B,), without gradient.
         cos_theta: cos θ between each feature and its class weight, (B,),
             without gradient.
+        valid: float mask (B,), 0 for the rows whose label is the ignored
+            class (those rows get no margin), or None if no class is ignored.
     """
 
     layer: Any
@@ -30,6 +32,7 @@ class HeadRecord:
     labels: tf.Tensor
     plain_target: tf.Tensor
     cos_theta: tf.Tensor
+    valid: tf.Tensor | None = None
 
 
 class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
@@ -41,6 +44,9 @@ class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
 
     Args:
         labels: the batch's labels, in any form `LSoftmaxDense` accepts.
+        ignore_class: optional int, a label value that gets no margin and no
+            range check, as `keras.losses.SparseCategoricalCrossentropy(
+            ignore_class=...)` ignores it in the loss.
 
     Example:
 
@@ -49,16 +55,41 @@ class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
         logits = model(x, training=True)  # margin logits
     ```
 
-    After the block, `scope.records` lists a `HeadRecord` per layer call.
+    After the block, `scope.records` lists a `HeadRecord` per layer call made
+    in the graph (or eager context) the scope was opened in; calls that Keras
+    traces elsewhere, such as the scratch graph in which it builds a model on
+    first use, still get the labels but leave no record.
     """
 
-    def __init__(self, labels: Any):
+    def __init__(self, labels: Any, ignore_class: int | None = None):
         if labels is None:
             raise ValueError("Expected `labels` to be a tensor. Received: None")
+        if ignore_class is not None and (
+            isinstance(ignore_class, bool) or not isinstance(ignore_class, int)
+        ):
+            raise ValueError(
+                "Received an invalid value for `ignore_class`, expected an "
+                f"int or None. Received: ignore_class={ignore_class!r}"
+            )
         self.labels = labels
+        self.ignore_class = ignore_class
         self.records: list[HeadRecord] = []
+        self._graph: Any = None
+
+    def labels_for(self, layer: Any, inputs: Any) -> tuple[Any, int | None]:
+        """The labels and the ignored class that `layer` uses on `inputs`."""
+        del layer, inputs  # every layer gets the same labels
+        return self.labels, self.ignore_class
+
+    def record(self, record: HeadRecord) -> None:
+        """Keeps `record` if it was made where this scope was opened."""
+        # A record traced in another graph cannot be read by the step that
+        # opened the scope (TensorFlow raises InaccessibleTensorError).
+        if _current_graph() is self._graph:
+            self.records.append(record)
 
     def __enter__(self) -> "label_scope":
+        self._graph = _current_graph()
         _stack().append(self)
         return self
 
@@ -70,6 +101,12 @@ def current_label_scope() -> label_scope | None:
     """The innermost `label_scope` open in this thread, or None."""
     stack = _stack()
     return stack[-1] if stack else None
+
+
+def _current_graph() -> Any:
+    if tf.executing_eagerly():
+        return None
+    return tf.compat.v1.get_default_graph()
 
 
 def _stack() -> list[label_scope]:

@@ -1,10 +1,10 @@
 """`LSoftmaxDense`: the class-weight layer of the L-Softmax loss."""
 
 import math
-import numbers
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_lsoftmax import ops
@@ -12,14 +12,29 @@ from keras_lsoftmax.label_scope import HeadRecord
 from keras_lsoftmax.label_scope import current_label_scope
 
 
-def _check_lambda_value(value: Any, name: str) -> float:
-    valid = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not (valid and math.isfinite(value) and value >= 0):
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a finite "
-            f"float >= 0. Received: {name}={value!r}"
-        )
-    return float(value)
+def lambda_value(value: Any, name: str) -> float:
+    """`value` as a Python float λ, or a `ValueError` naming `name`.
+
+    Accepts a Python or NumPy number, an array or eager tensor holding one
+    number, or a Keras variable; the value must be finite and >= 0.
+    """
+    message = (
+        f"Received an invalid value for `{name}`, expected a finite float "
+        f">= 0 (a number, or an array or tensor holding one). Received: "
+        f"{name}={value!r}"
+    )
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(message)
+    try:
+        array = np.asarray(keras.ops.convert_to_numpy(value))
+    except Exception as error:  # symbolic tensors, strings, objects
+        raise ValueError(message) from error
+    if array.size != 1 or array.dtype.kind not in "iuf":
+        raise ValueError(message)
+    number = float(array.reshape(()))
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(message)
+    return number
 
 
 @keras.saving.register_keras_serializable(package="keras_lsoftmax")
@@ -123,7 +138,7 @@ class LSoftmaxDense(keras.layers.Layer):
                 f"integer. Received: units={units!r}"
             )
         ops.check_margin(margin)
-        initial_lambda = _check_lambda_value(initial_lambda, "initial_lambda")
+        initial_lambda = lambda_value(initial_lambda, "initial_lambda")
         if not isinstance(normalize_weights, bool):
             raise ValueError(
                 "Received an invalid value for `normalize_weights`, expected "
@@ -178,9 +193,15 @@ class LSoftmaxDense(keras.layers.Layer):
         dense_kernel = self.kernel_initializer((input_dim, units), dtype=dtype)
         return keras.ops.transpose(dense_kernel)
 
-    def set_lambda(self, value: float) -> None:
-        """Assigns λ after checking that it is a float ≥ 0."""
-        self.lambda_.assign(_check_lambda_value(value, "value"))
+    def set_lambda(self, value: Any) -> None:
+        """Assigns λ after checking that it is a finite float ≥ 0.
+
+        Args:
+            value: a Python or NumPy number, or an array or eager tensor
+                holding one number (what a `LambdaSchedule` returns). On an
+                invalid value, λ keeps its previous value.
+        """
+        self.lambda_.assign(lambda_value(value, "value"))
 
     def call(
         self, inputs: Any, labels: Any = None, training: bool | None = None
@@ -189,8 +210,9 @@ class LSoftmaxDense(keras.layers.Layer):
         if self.normalize_weights:
             kernel = tf.math.l2_normalize(kernel, axis=1, epsilon=1e-12)
         scope = current_label_scope()
+        ignore_class = None
         if labels is None and scope is not None:
-            labels = scope.labels
+            labels, ignore_class = scope.labels_for(self, inputs)
         if labels is None and training:
             raise ValueError(
                 f"LSoftmaxDense '{self.name}' was called with "
@@ -203,26 +225,28 @@ class LSoftmaxDense(keras.layers.Layer):
         # Outside training only a label_scope wants the per-sample records.
         if labels is None or (not training and scope is None):
             return ops.plain_logits(inputs, kernel)
-        labels = ops.check_labels(
-            self._sparse_labels(labels), self.units, inputs
-        )
+        labels, valid = self._sparse_labels(labels, ignore_class)
+        labels = ops.check_labels(labels, self.units, inputs)
         margin = self.margin if training else 1
         outputs, plain_target, cos = ops.margin_logits(
-            inputs, kernel, labels, margin, self.lambda_
+            inputs, kernel, labels, margin, self.lambda_, valid
         )
         if scope is not None:
-            scope.records.append(
-                HeadRecord(self, outputs, labels, plain_target, cos)
+            scope.record(
+                HeadRecord(self, outputs, labels, plain_target, cos, valid)
             )
         return outputs
 
-    def _sparse_labels(self, labels: Any) -> tf.Tensor:
+    def _sparse_labels(
+        self, labels: Any, ignore_class: int | None
+    ) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """Sparse labels (B,) and, given `ignore_class`, the valid-row mask."""
         labels = tf.convert_to_tensor(labels)
         shape = labels.shape
         if shape.rank == 2 and shape[-1] == 1:
             labels = tf.squeeze(labels, axis=-1)
         elif shape.rank == 2 and shape[-1] == self.units:
-            return tf.argmax(labels, axis=-1, output_type=tf.int32)
+            labels = tf.argmax(labels, axis=-1, output_type=tf.int32)
         elif shape.rank != 1:
             raise ValueError(
                 f"LSoftmaxDense '{self.name}' expects labels of shape "
@@ -232,7 +256,16 @@ class LSoftmaxDense(keras.layers.Layer):
             )
         if labels.dtype.is_floating:
             labels = tf.cast(labels, tf.int32)
-        return labels
+        if ignore_class is None:
+            return labels, None
+        # As Keras's sparse cross-entropy does: an ignored row takes class
+        # 0, and its 0 in `valid` removes its margin.
+        ignored = tf.equal(labels, tf.cast(ignore_class, labels.dtype))
+        labels = tf.where(ignored, tf.zeros_like(labels), labels)
+        return labels, 1.0 - tf.cast(ignored, tf.float32)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*tuple(input_shape)[:-1], self.units)
 
     def compute_output_spec(
         self, inputs: Any, labels: Any = None, training: bool | None = None
@@ -259,3 +292,55 @@ class LSoftmaxDense(keras.layers.Layer):
             ),
         }
         return {**super().get_config(), **config}
+
+
+def find_lsoftmax_layers(root: Any) -> list[LSoftmaxDense]:
+    """Every `LSoftmaxDense` in `root`, found recursively, in layer order.
+
+    Models are walked through their public `layers` list; other layers
+    through the layers held in their attributes (directly or in lists,
+    tuples and dicts). Each layer is listed once, even if shared.
+
+    Args:
+        root: a `keras.Model` or `keras.layers.Layer`.
+
+    Returns:
+        The list of `LSoftmaxDense` layers (`root` itself if it is one).
+    """
+    found: list[LSoftmaxDense] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, LSoftmaxDense):
+            found.append(obj)
+            return
+        for child in _child_layers(obj):
+            visit(child)
+
+    visit(root)
+    return found
+
+
+def _child_layers(obj: Any) -> list[keras.layers.Layer]:
+    if isinstance(obj, keras.Model):
+        return list(obj.layers)
+    children: list[keras.layers.Layer] = []
+    seen_containers: set[int] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, keras.layers.Layer):
+            children.append(value)
+        elif isinstance(value, (list, tuple, dict)):
+            if id(value) in seen_containers:
+                return
+            seen_containers.add(id(value))
+            items = value.values() if isinstance(value, dict) else value
+            for item in items:
+                collect(item)
+
+    for value in vars(obj).values():
+        collect(value)
+    return children

@@ -156,9 +156,17 @@ def plain_logits(inputs: Any, kernel: Any) -> tf.Tensor:
 
 
 def margin_logits(
-    inputs: Any, kernel: Any, labels: Any, margin: int, lam: Any
+    inputs: Any,
+    kernel: Any,
+    labels: Any,
+    margin: int,
+    lam: Any,
+    valid: Any = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """`lsoftmax_logits` plus, per sample, the plain target logit and cos θ.
+
+    `valid`, an optional float mask (B,), scales each row's margin: rows
+    with 0 keep their plain logits and get the plain gradient.
 
     `labels` must already be int32 class ids checked by `check_labels`. The
     two extra outputs (shape (B,)) carry no gradient; the layer uses them for
@@ -183,7 +191,11 @@ def margin_logits(
     inputs = tf.cast(inputs, dtype)
     kernel = tf.cast(kernel, dtype)
     lam = _check_lambda(lam, dtype)
-    logits, target, cos = _margin_core(inputs, kernel, labels, lam, margin)
+    if valid is not None:
+        valid = tf.cast(valid, dtype)
+    logits, target, cos = _margin_core(
+        inputs, kernel, labels, lam, margin, valid
+    )
     return logits, tf.stop_gradient(target), tf.stop_gradient(cos)
 
 
@@ -236,7 +248,12 @@ def lsoftmax_logits(
 
 
 def _margin_core(
-    x: tf.Tensor, w: tf.Tensor, labels: tf.Tensor, lam: tf.Tensor, margin: int
+    x: tf.Tensor,
+    w: tf.Tensor,
+    labels: tf.Tensor,
+    lam: tf.Tensor,
+    margin: int,
+    valid: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     full_pass = _full_pass(x, w)
 
@@ -257,6 +274,8 @@ def _margin_core(
             return (logits, target, cos), _dense_grad(x, w)
         p, dp = psi(cos, margin)
         inv = 1.0 / (1.0 + lam)
+        if valid is not None:
+            inv = inv * valid
         # target + ab·(P − cos)/(1+λ) = (λ·xw + ab·P)/(1+λ), written so that
         # λ → ∞ returns xw exactly.
         with tf.control_dependencies([target]):
@@ -363,3 +382,16 @@ def target_index(labels: tf.Tensor) -> tf.Tensor:
     """Indices (B, 2) of the entries [i, labels[i]] of a (B, C) matrix."""
     rows = tf.range(tf.shape(labels)[0], dtype=labels.dtype)
     return tf.stack([rows, labels], axis=1)
+
+
+def with_plain_targets(
+    logits: tf.Tensor, labels: tf.Tensor, plain_target: tf.Tensor
+) -> tf.Tensor:
+    """`logits` (B, C) with each entry [i, labels[i]] set to `plain_target[i]`.
+
+    Undoes the margin of `margin_logits` for metrics, in place where nothing
+    else holds `logits` any more, so it costs O(B) instead of a (B, C) copy.
+    """
+    index = target_index(labels)
+    target = tf.gather_nd(logits, index)
+    return _add_at(logits, index, tf.cast(plain_target, logits.dtype) - target)

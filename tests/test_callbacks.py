@@ -11,7 +11,7 @@ import keras_lsoftmax
 from keras_lsoftmax import LSoftmaxDense
 from keras_lsoftmax import schedules
 from keras_lsoftmax.callbacks import LambdaScheduler
-from keras_lsoftmax.callbacks import find_lsoftmax_layers
+from keras_lsoftmax.layers import find_lsoftmax_layers
 from tests.datasets import random_classification
 
 D, C = 6, 3  # features, classes

@@ -446,5 +446,5 @@ def test_layer_after_head_warns_and_uses_model_output():
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=["accuracy"],
     )
-    with pytest.warns(UserWarning, match="not the model's output"):
+    with pytest.warns(UserWarning, match="not a model output"):
         model.fit(x, y, batch_size=len(x), verbose=0)

@@ -1,0 +1,166 @@
+"""Which labels each `LSoftmaxDense` of a model gets in `fit` and `evaluate`.
+
+The rule, as Keras matches losses to outputs:
+
+- `y` a single array or tensor: every head gets it.
+- `y` a list, tuple or dict: a head whose output is a model output gets the
+  labels of that output (by position for lists and tuples, by output name
+  for dicts); a head that is not a model output (nested deeper, or followed
+  by other layers) gets the labels only if `y` holds one label tensor, and
+  otherwise raises an error naming it.
+
+Which head gives which output is found by tracing the forward pass once in
+a scratch graph, so this works for Sequential, functional and subclassed
+models alike; the trace is cached per model and input structure.
+"""
+
+import weakref
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_lsoftmax.label_scope import label_scope
+
+# model -> {input structure: {id(head): output path}}
+_HEAD_PATHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_label_scope(model: keras.Model, x: Any, y: Any) -> label_scope:
+    """The `label_scope` that hands `y` to the heads of `model` on `x`."""
+    if not keras.tree.is_nested(y):
+        return label_scope(y, _ignore_class(model.loss))
+    paths, outputs = _head_paths(model, x)
+    names = getattr(model, "output_names", None)
+    routes = {}
+    for head_id, path in paths.items():
+        labels = _select(y, path, outputs, names)
+        if labels is not None:
+            loss = _select(model.loss, path, outputs, names)
+            routes[head_id] = (labels, _ignore_class(loss))
+    fallback = None
+    if _count(y) == 1:
+        leaf = next(v for v in keras.tree.flatten(y) if v is not None)
+        fallback = (leaf, _ignore_class(model.loss))
+    return _RoutedLabelScope(model, y, routes, fallback)
+
+
+class _RoutedLabelScope(label_scope):
+    """A `label_scope` whose labels depend on the head."""
+
+    def __init__(self, model: keras.Model, y: Any, routes: dict, fallback):
+        super().__init__(y)
+        self._model = model
+        self._routes = routes
+        self._fallback = fallback
+
+    def labels_for(self, layer: Any, inputs: Any) -> tuple[Any, int | None]:
+        route = self._routes.get(id(layer), self._fallback)
+        if route is None:
+            raise ValueError(
+                f"Cannot tell which labels LSoftmaxDense '{layer.name}' "
+                f"should use: it is not an output of model "
+                f"'{self._model.name}' (or its output has no labels in `y`), "
+                f"and `y` holds labels for {_count(self.labels)} outputs. "
+                "Make the head's output a model output (the head "
+                "then gets the labels of that output), or train in your own "
+                "loop and call the head with `labels=...` or inside "
+                "`keras_lsoftmax.label_scope(labels)`."
+            )
+        return route
+
+
+def _count(y: Any) -> int:
+    return len([leaf for leaf in keras.tree.flatten(y) if leaf is not None])
+
+
+class _HeadProbe(label_scope):
+    """Records which head gives which output, with placeholder labels."""
+
+    def __init__(self):
+        super().__init__(labels=())
+
+    def labels_for(self, layer: Any, inputs: Any) -> tuple[Any, int | None]:
+        return tf.zeros(tf.shape(inputs)[:1], tf.int32), None
+
+
+def _head_paths(model: keras.Model, x: Any) -> tuple[dict, Any]:
+    """{id(head): path of its output in y_pred}, and y_pred's structure."""
+    key = repr(keras.tree.map_structure(_spec_key, x))
+    cache = _HEAD_PATHS.setdefault(model, {})
+    if key not in cache:
+        found: list = []
+
+        def probe(x):
+            with _HeadProbe() as scope:
+                y_pred = model(x, training=True)
+            found.append((scope.records, y_pred))
+            return tf.constant(0)
+
+        # Traced only, never run: the step's own trace is left untouched.
+        tf.function(probe, autograph=False).get_concrete_function(x)
+        records, y_pred = found[0]
+        leaves = keras.tree.flatten_with_path(y_pred)
+        paths = {}
+        for record in records:
+            for path, leaf in leaves:
+                if leaf is record.outputs:
+                    paths[id(record.layer)] = path
+        cache[key] = (paths, keras.tree.map_structure(lambda _: None, y_pred))
+    return cache[key]
+
+
+def _spec_key(t: Any) -> Any:
+    if t is None:
+        return None
+    return (tuple(t.shape), str(t.dtype))
+
+
+def _select(structure: Any, path: tuple, outputs: Any, names: Any) -> Any:
+    """The leaf of `structure` (labels or losses) for the output at `path`.
+
+    `structure` is matched to the model outputs `outputs` the way Keras
+    matches `y` and `loss`: a dict by output names when the outputs are not
+    a dict, a one-element list or tuple to a single output.
+    """
+    if isinstance(structure, dict) and not isinstance(outputs, dict):
+        structure = _by_output_names(structure, outputs, names)
+    if (
+        isinstance(structure, (list, tuple))
+        and len(structure) == 1
+        and not keras.tree.is_nested(outputs)
+    ):
+        structure = structure[0]
+    for key in path:
+        try:
+            structure = structure[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return None if keras.tree.is_nested(structure) else structure
+
+
+def _by_output_names(structure: dict, outputs: Any, names: Any) -> Any:
+    if keras.tree.is_nested(outputs):
+        if names and len(names) == len(outputs):
+            return [structure.get(name) for name in names]
+        return structure
+    if names and len(names) == 1 and names[0] in structure:
+        return structure[names[0]]
+    if len(structure) == 1:
+        return next(iter(structure.values()))
+    return structure
+
+
+def _single_loss(loss: Any) -> Any:
+    leaves = [leaf for leaf in keras.tree.flatten(loss) if leaf is not None]
+    return leaves[0] if len(leaves) == 1 else None
+
+
+def _ignore_class(loss: Any) -> int | None:
+    """The `ignore_class` of a compiled loss, if it has one."""
+    if keras.tree.is_nested(loss):
+        loss = _single_loss(loss)
+    if not isinstance(loss, keras.losses.Loss):
+        return None  # a name or a function: no ignored class
+    ignore_class = loss.get_config().get("ignore_class")
+    return ignore_class if isinstance(ignore_class, int) else None
