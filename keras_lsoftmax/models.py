@@ -195,8 +195,9 @@ class _LatestValue(keras.metrics.Metric):
     def update_state(self, value: Any) -> None:
         self.value.assign(keras.ops.cast(value, self.dtype))
 
-    def result(self) -> Any:
-        return keras.ops.convert_to_tensor(self.value)
+    def result(self) -> tf.Tensor:
+        # keras.ops.convert_to_tensor returns a TF variable itself.
+        return tf.convert_to_tensor(self.value)
 
 
 def _keras_results(model: keras.Model, logs: dict[str, Any]) -> Any:

@@ -11,7 +11,10 @@ script with `python tests/distribute_worker.py OUT.json`; it
 3. trains the same model, from the same initial weights on the same batches,
    under `MirroredStrategy(["CPU:0", "CPU:1"])`, with the same global batch;
 4. writes both runs' final weights, History losses, per-batch losses, and λ as
-   read on every replica, to OUT.json, for the test to compare.
+   read on every replica, to OUT.json, for the test to compare;
+5. runs one epoch of 61 samples in global batches of 16 (the last batch splits
+   unevenly) with a `keras_lsoftmax.Sequential` and with a `keras.Sequential`,
+   and writes their History, `get_metrics_result()` and exact accuracy.
 
 Both runs use `keras_lsoftmax.LambdaScheduler(InverseDecay(...))` with
 `unit="step"`, `shuffle=False` and a global batch of `GLOBAL_BATCH`.
@@ -154,11 +157,49 @@ def first_batch_loss() -> float:
     return float(tf.reduce_mean(per_sample))
 
 
+def uneven_epoch(model_class, strategy) -> dict:
+    """One epoch of 61 samples in global batches of 16 (the last splits
+    unevenly over the replicas), with learning rate 0 so that the exact
+    epoch accuracy can be counted afterwards."""
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(3)
+    x = np.random.default_rng(5).normal(size=(61, FEATURES)).astype("float32")
+    y = np.random.default_rng(6).integers(0, CLASSES, 61).astype("int32")
+    with strategy.scope():
+        head = (
+            keras_lsoftmax.LSoftmaxDense(CLASSES, margin=MARGIN)
+            if model_class is keras_lsoftmax.Sequential
+            else keras.layers.Dense(CLASSES, use_bias=False)
+        )
+        model = model_class([keras.Input((FEATURES,)), head])
+        model.compile(
+            keras.optimizers.SGD(0.0),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    history = model.fit(x, y, batch_size=16, shuffle=False, verbose=0).history
+    predicted = np.argmax(model.predict(x, verbose=0), axis=1)
+    return {
+        "history": {k: v[0] for k, v in history.items()},
+        "metrics_result": {
+            k: float(v) for k, v in model.get_metrics_result().items()
+        },
+        "exact_accuracy": float(np.mean(predicted == y)),
+    }
+
+
 def main(out_path: str) -> None:
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    # One strategy for every run: a second MirroredStrategy in the same
+    # process would reuse the collective keys of the first.
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
     single = train(tf.distribute.get_strategy())
-    mirrored = train(tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
+    mirrored = train(strategy)
+    uneven = uneven_epoch(keras_lsoftmax.Sequential, strategy)
+    uneven_keras = uneven_epoch(keras.Sequential, strategy)
     result = {
+        "uneven": uneven,
+        "uneven_keras": uneven_keras,
         "logical_cpus": devices,
         "single": single,
         "mirrored": mirrored,

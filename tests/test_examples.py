@@ -192,9 +192,9 @@ def test_help(examples_module, capsys, script, flags):
 def test_scaled_gamma_reproduces_the_authors_mnist_setting(examples_module):
     common = examples_module("common")
     # 30k iterations, crossing at 8.7k: the authors' gamma 2.5e-5.
-    assert common.scaled_gamma(30000) == pytest.approx(2.5e-5, rel=0.01)
+    assert common.scaled_gamma(30000) == pytest.approx(2.5e-5, rel=0.01, abs=1e-9)
     schedule = common.scaled_inverse_decay(1000)
-    assert float(schedule(290)) == pytest.approx(1.0, rel=1e-3)
+    assert float(schedule(290)) == pytest.approx(1.0, rel=1e-3, abs=1e-6)
     assert float(schedule(1)) > 900.0
 
 
@@ -202,10 +202,10 @@ def test_step_learning_rate_boundaries(examples_module):
     common = examples_module("common")
     lr = common.step_learning_rate(18000)
     assert [float(lr(t)) for t in (0, 11999, 12001, 15001)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.001]
+        [0.1, 0.1, 0.01, 0.001], rel=1e-6, abs=1e-9
     )
     tiny = common.step_learning_rate(2)  # still valid for a 2-step smoke run
-    assert float(tiny(0)) == pytest.approx(0.1)
+    assert float(tiny(0)) == pytest.approx(0.1, rel=1e-6, abs=1e-8)
 
 
 def test_angle_stats(examples_module):
@@ -221,6 +221,6 @@ def test_angle_stats(examples_module):
     # columns, the two 3-D weights would be 60° apart.)
     kernel = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
     stats = common.angle_stats(features, labels, kernel)
-    assert stats["intra"] == pytest.approx(10.0)
-    assert stats["inter_means"] == pytest.approx(90.0)
-    assert stats["inter_weights"] == pytest.approx(45.0)
+    assert stats["intra"] == pytest.approx(10.0, rel=1e-6, abs=1e-6)
+    assert stats["inter_means"] == pytest.approx(90.0, rel=1e-6, abs=1e-6)
+    assert stats["inter_weights"] == pytest.approx(45.0, rel=1e-6, abs=1e-6)

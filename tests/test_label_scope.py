@@ -2,6 +2,7 @@
 
 import threading
 
+import keras
 import numpy as np
 import pytest
 
@@ -18,7 +19,11 @@ OTHER = np.array([2, 2, 1, 1])
 
 @pytest.fixture
 def layer():
-    layer = LSoftmaxDense(UNITS, margin=4)
+    layer = LSoftmaxDense(
+        UNITS,
+        margin=4,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=0),
+    )
     layer.build((None, D))
     return layer
 

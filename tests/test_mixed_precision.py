@@ -325,7 +325,12 @@ def test_op_forward_and_gradient_under_xla(margin, dtype, tol):
 
 def test_layer_forward_and_gradient_under_xla():
     x, y = _data(n=24, seed=4)
-    layer = LSoftmaxDense(C, margin=MARGIN, initial_lambda=0.25)
+    layer = LSoftmaxDense(
+        C,
+        margin=MARGIN,
+        initial_lambda=0.25,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=4),
+    )
     layer.build((None, D))
     upstream = tf.constant(np.random.default_rng(5).normal(size=(24, C)), tf.float32)
 
@@ -389,7 +394,8 @@ def test_fit_with_jit_compile_matches_without(policy):
     print(f"\n{policy}: max |Δweights| jit_compile=True vs False {diff:.3g}")
     for got, expected in zip(xla_weights, weights):
         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
-    np.testing.assert_allclose(xla_logs["loss"], logs["loss"], rtol=tol)
+    # Losses of order 1: the atol is only a floor.
+    np.testing.assert_allclose(xla_logs["loss"], logs["loss"], rtol=tol, atol=1e-6)
     assert xla_logs["lsoftmax_lambda"] == logs["lsoftmax_lambda"]
     assert logs["lsoftmax_lambda"] == [float(schedules.InverseDecay(10.0, 0.5, 1.0)(6))]
     # Six steps moved the weights far more than the tolerance.
