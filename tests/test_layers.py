@@ -197,6 +197,22 @@ def test_training_without_labels_points_to_sequential():
         layer(_inputs(), training=True)
 
 
+def test_compute_output_shape_and_time_distributed():
+    layer = _layer()
+    assert layer.compute_output_shape((None, D)) == (None, UNITS)
+    assert layer.compute_output_shape((8, D)) == (8, UNITS)
+    x = np.random.default_rng(4).normal(size=(2, 3, D)).astype("float32")
+    wrapped = keras.layers.TimeDistributed(layer)
+    outputs = wrapped(x)
+    assert outputs.shape == (2, 3, UNITS)
+    np.testing.assert_allclose(
+        outputs.numpy(),
+        x @ layer.kernel.numpy().T,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 def test_rejects_inputs_of_wrong_rank():
     with pytest.raises(ValueError):
         LSoftmaxDense(UNITS)(np.zeros((2, 3, 4), np.float32))
@@ -205,14 +221,53 @@ def test_rejects_inputs_of_wrong_rank():
 # --------------------------------------------------------------------- λ
 
 
-@pytest.mark.parametrize("value", [0, 0.25, 3, 1000.0, np.float32(2.0)])
+@pytest.mark.parametrize(
+    "value",
+    [
+        0,
+        0.25,
+        3,
+        1000.0,
+        np.float32(2.0),
+        np.array(2.5),
+        np.array([1.5]),
+        tf.constant(4.0),
+        tf.constant(7, tf.int64),
+        keras.ops.convert_to_tensor(0.5),
+    ],
+)
 def test_set_lambda(value):
     layer = _layer()
     layer.set_lambda(value)
-    assert layer.lambda_.numpy() == np.float32(value)
+    assert layer.lambda_.numpy() == np.float32(np.asarray(value).reshape(()))
 
 
-@pytest.mark.parametrize("value", [-1.0, -1e-9, float("nan"), "1", True])
+def test_set_lambda_takes_a_schedule_output():
+    layer = _layer()
+    schedule = keras_lsoftmax.schedules.InverseDecay(
+        base=1000.0, gamma=0.1, power=2.0
+    )
+    layer.set_lambda(schedule(10))
+    np.testing.assert_allclose(
+        layer.lambda_.numpy(), 1000.0 / 4.0, rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        -1.0,
+        -1e-9,
+        float("nan"),
+        float("inf"),
+        "1",
+        True,
+        np.array([1.0, 2.0]),
+        tf.constant(-2.0),
+        tf.constant([1.0, 2.0]),
+        None,
+    ],
+)
 def test_set_lambda_rejects_invalid_values(value):
     layer = _layer(initial_lambda=0.5)
     with pytest.raises(ValueError, match=r">= 0"):

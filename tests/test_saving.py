@@ -1,5 +1,9 @@
 """Saving (`.keras`, `.weights.h5`) and SavedModel export of the models."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -142,3 +146,28 @@ def test_export_serves_plain_logits(kind, tmp_path):
 
     layer = keras.layers.TFSMLayer(path, call_endpoint="serve")
     np.testing.assert_allclose(layer(x).numpy(), expected, atol=1e-6)
+
+
+def test_loading_without_the_import_names_the_package(tmp_path):
+    # Keras finds custom classes only once their package is imported; its
+    # error then names the class and shows the keras_lsoftmax module.
+    path = tmp_path / "model.keras"
+    keras_lsoftmax.Sequential([keras.Input((3,)), LSoftmaxDense(2)]).save(path)
+    script = (
+        "import keras\n"
+        "try:\n"
+        f"    keras.saving.load_model({str(path)!r})\n"
+        "except TypeError as error:\n"
+        "    print(error)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Could not locate class 'Sequential'" in proc.stdout
+    assert "keras_lsoftmax.models" in proc.stdout
+    assert "keras_lsoftmax>Sequential" in proc.stdout
