@@ -42,9 +42,9 @@ Settings: the collectives are set to
 `shuffle=False` only makes the run comparable with the single-worker
 reference; shuffled runs are as correct. `enable_op_determinism` is not
 needed: two workers and one worker agree to float rounding (3e-8 after 3
-steps), and the two workers hold bit-identical weights. Keras 3.15's `fit`
-needs two workarounds with more than one worker, see
-`enable_multi_worker_fit`.
+steps), and the two workers hold bit-identical weights. The script is plain
+Keras: the two fixes Keras 3.15's `fit` needs with more than one worker are
+inside `keras_lsoftmax.Sequential` and `keras_lsoftmax.Model`.
 """
 
 import argparse
@@ -228,44 +228,6 @@ def named_weights(model) -> dict[str, np.ndarray]:
     }
 
 
-def enable_multi_worker_fit(model, strategy, x, y) -> None:
-    """Works around two Keras 3.15 bugs that break `fit` with several workers.
-
-    keras-team/keras#20585 and tensorflow/tensorflow#72388: under
-    `MultiWorkerMirroredStrategy` with more than one worker,
-
-    1. before the first step `fit` builds the model, metrics and optimizer
-       from a first batch that it averages over the replicas with
-       `strategy.reduce("MEAN", (x, y))`, which cannot reduce a tuple across
-       workers ("Attempt to convert a value (PerReplica...) to a Tensor").
-       The build only needs the shapes and dtypes of a batch, so this builds
-       from a local one instead;
-    2. `fit` averages the logs of `train_step` over the replicas with
-       `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
-       ("Invalid reduction dimension 0 for input with 0 dimensions"). This
-       wraps `train_step` to return every log as a vector of one element;
-       the reduction then gives back the scalar mean over all replicas.
-
-    Both are set on this model object only (instance attributes, one of them
-    a private Keras method) and are not saved with the model. Do not use them
-    with one worker, where Keras takes another, working path.
-    """
-    sample = (x, y)
-
-    def maybe_symbolic_build(iterator=None, data_batch=None):
-        with strategy.scope():
-            model._symbolic_build(data_batch=sample)
-
-    train_step = model.train_step
-
-    def train_step_with_vector_logs(data):
-        logs = train_step(data)
-        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
-
-    model._maybe_symbolic_build = maybe_symbolic_build
-    model.train_step = train_step_with_vector_logs
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     index, num_workers = configure_cluster(args)
@@ -285,8 +247,6 @@ def main(argv=None) -> dict:
     x, y, x_test, y_test = load_data(args)
     with strategy.scope():
         model = build_model(args)
-    if num_workers > 1:
-        enable_multi_worker_fit(model, strategy, x[:2], y[:2])
     initial = named_weights(model)
     schedule = keras_lsoftmax.schedules.InverseDecay(
         base=args.lambda_base,

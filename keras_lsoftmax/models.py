@@ -96,9 +96,10 @@ class MarginTrainingMixin:
         # so the plain targets go back into them in place.
         with tf.control_dependencies([loss]):
             metrics_pred = _plain_predictions(y_pred, scope)
-        return self._update_metrics(
+        logs = self._update_metrics(
             x, y, metrics_pred, sample_weight, loss, scope
         )
+        return _reducible_logs(logs, self.distribute_strategy)
 
     def test_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -108,7 +109,27 @@ class MarginTrainingMixin:
         loss = self.compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
         )
-        return self._update_metrics(x, y, y_pred, sample_weight, loss, scope)
+        logs = self._update_metrics(x, y, y_pred, sample_weight, loss, scope)
+        return _reducible_logs(logs, self.distribute_strategy)
+
+    def _maybe_symbolic_build(
+        self, iterator: Any = None, data_batch: Any = None
+    ) -> None:
+        # Keras 3.15 builds a distributed model from a first batch averaged
+        # over the replicas, a reduction that fails across workers
+        # (keras-team/keras#20585, tensorflow/tensorflow#72388); the build
+        # needs only shapes and dtypes, which one worker's batch has.
+        strategy = self.distribute_strategy
+        if iterator is None or not _several_workers(strategy):
+            return super()._maybe_symbolic_build(iterator, data_batch)
+        for _, _, batches in iterator:
+            data_batch = keras.tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0],
+                next(batches),
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def evaluate(
         self,
@@ -180,6 +201,24 @@ class MarginTrainingMixin:
             theta, weights = _theta_degrees(scope.records)
             self.lsoftmax_theta_tracker.update_state(theta, weights)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _several_workers(strategy: tf.distribute.Strategy) -> bool:
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    cluster = strategy.cluster_resolver.cluster_spec()
+    return bool(cluster.jobs) and cluster.num_tasks("worker") > 1
+
+
+def _reducible_logs(logs: dict, strategy: tf.distribute.Strategy) -> dict:
+    """`logs`, as one-element vectors when they are reduced across workers.
+
+    Keras 3.15 reduces a step's logs across workers with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars.
+    """
+    if not _several_workers(strategy):
+        return logs
+    return {name: tf.reshape(value, [1]) for name, value in logs.items()}
 
 
 class _LatestValue(keras.metrics.Metric):
