@@ -70,9 +70,8 @@ class MarginTrainingMixin:
         return [m.name for m in self.metrics if not self._is_margin_tracker(m)]
 
     def _is_margin_tracker(self, metric: keras.metrics.Metric) -> bool:
-        return metric is self.lsoftmax_lambda_tracker or (
-            metric is self.lsoftmax_theta_tracker
-        )
+        trackers = (self.lsoftmax_lambda_tracker, self.lsoftmax_theta_tracker)
+        return any(metric is tracker for tracker in trackers)
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
