@@ -75,7 +75,10 @@ class LSoftmaxDense(keras.layers.Layer):
 
     Labels reach the layer either as the `labels` call argument or, inside
     `keras_lsoftmax.Sequential` / `keras_lsoftmax.Model` training, from the
-    `label_scope` their `train_step` opens.
+    `label_scope` their `train_step` opens (which routes each output's labels
+    to its head, and passes the `ignore_class` of a compiled
+    `SparseCategoricalCrossentropy`: rows with that label get no margin and
+    no range check).
 
     Args:
         units: positive int, the number of classes C.
