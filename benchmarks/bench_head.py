@@ -5,6 +5,7 @@ Usage (from the repository root):
     python benchmarks/bench_head.py --out bench_head.json
     python benchmarks/bench_head.py --classes 10 1000 10000 --repeats 10
     python benchmarks/bench_head.py --device /GPU:0 --out bench_head_gpu.json
+    python benchmarks/bench_head.py --features trained frozen --classes 10000
 
 Variants (`--variants`, default all three):
 
@@ -30,14 +31,27 @@ network backpropagating into its backbone would; the labels are random
 integers. The optimizer is SGD with momentum 0.9 (learning rate 1e-3) for
 every variant; λ is a float32 variable (`--lam`, default 0).
 
+Features (`--features`, default `trained`; give both to compare them):
+
+- `trained`: the step above, gradients with respect to `[x, kernel]`;
+- `frozen`: a linear probe on frozen features. `x` is a constant tensor
+  (captured by the step function, not a variable), the step takes the
+  gradient with respect to the kernel only and the optimizer updates only the
+  kernel, the same for every variant:
+
+      grads = tape.gradient(loss, [kernel])
+      optimizer.apply(grads, [kernel])
+
 Timing: after `--warmup` calls (the first traces and compiles), the variants
-of one C are run interleaved (A B C A B C ..., both compile modes in the same
-round) for `--repeats` rounds. Each sample times `inner` consecutive steps
-and is divided by `inner`; `inner` is chosen per C so that one sample of the
-fastest variant lasts about `--min-sample-ms` (override with `--inner`);
-on a shared 2-core machine single steps of a few milliseconds vary by a
-third, and 0.1 s samples average that out. The table reports the median per-step time, its interquartile range, and the
-ratio of medians to `dense` in the same run and compile mode.
+of one C are run interleaved (A B C A B C ..., both compile modes and both
+feature settings in the same round) for `--repeats` rounds. Each sample
+times `inner` consecutive steps and is divided by `inner`; `inner` is chosen
+per C so that one sample of the fastest variant lasts about
+`--min-sample-ms` (override with `--inner`); on a shared 2-core machine
+single steps of a few milliseconds vary by a third, and 0.1 s samples
+average that out. The table reports the median per-step time, its
+interquartile range, and the ratio of medians to `dense` in the same run,
+compile mode and feature setting.
 
 Peak memory is the extra memory one step needs beyond what is allocated
 before it (variables, optimizer slots and inputs excluded), once each step is
@@ -66,9 +80,13 @@ Two methods (`--memory`):
   128 MiB depending on allocation history; hence not used.)
 - `none` skips the probe.
 
-Output: a Markdown table on stdout and, with `--out`, a JSON file with the
-configuration, one row per (C, jit, variant) with all samples, and the
-table. Nothing here asserts a time.
+Output: a Markdown table on stdout (one per feature setting, each under a
+heading line, when `--features` names both) and, with `--out`, a JSON file
+with the configuration, one row per (C, jit, features, variant) with all
+samples, and the table(s). Nothing here asserts a time.
+
+A step through `model.fit` / `train_on_batch` instead of this hand-written
+one is timed by the sibling `benchmarks/bench_fit.py`.
 """
 
 import argparse
@@ -98,6 +116,7 @@ import tensorflow as tf
 import keras_lsoftmax
 
 VARIANTS = ("dense", "lsoftmax", "autodiff")
+FEATURES = ("trained", "frozen")
 DEFAULT_CLASSES = (10, 1000, 10000, 100000)
 MIB = 1024.0 * 1024.0
 
@@ -152,6 +171,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="heads to time; `dense` is needed for the ratios",
     )
     parser.add_argument(
+        "--features", nargs="+", choices=FEATURES, default=["trained"],
+        help="trained: gradients w.r.t. the features (a variable) and the "
+        "kernel; frozen: the features are a constant and only the kernel "
+        "gets a gradient (a linear probe); give both to time both in the "
+        "same rounds (default: %(default)s)",
+    )
+    parser.add_argument(
         "--memory", choices=("auto", "allocator", "rss", "none"),
         default="auto",
         help="peak-memory probe: allocator = TF allocator statistics in this "
@@ -182,6 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.lam < 0:
         parser.error("--lam must be >= 0")
     args.variants = list(dict.fromkeys(args.variants))
+    args.features = [f for f in FEATURES if f in args.features]
     return args
 
 
@@ -216,8 +243,10 @@ class Variant:
     def __init__(
         self, name: str, args: argparse.Namespace, num_classes: int,
         x0: np.ndarray, y: tf.Tensor, kernel0: np.ndarray,
+        features: str = "trained",
     ):
         self.name = name
+        self.features = features
         if name == "dense":
             self.head = keras.layers.Dense(
                 num_classes, use_bias=False, name="dense"
@@ -245,8 +274,12 @@ class Variant:
         # of the Dense and autodiff kernels; LSoftmaxDense stores one row
         # per class, (C, D).
         self.head.kernel.assign(kernel0.T if name == "lsoftmax" else kernel0)
-        self.x = keras.Variable(x0, trainable=True, name="features")
-        self.variables = [self.x, self.head.kernel]
+        if features == "trained":
+            self.x = keras.Variable(x0, trainable=True, name="features")
+            self.variables = [self.x, self.head.kernel]
+        else:  # frozen: a constant the tape does not watch
+            self.x = tf.constant(x0)
+            self.variables = [self.head.kernel]
         self.optimizer = keras.optimizers.SGD(learning_rate=1e-3, momentum=0.9)
         self.optimizer.build(self.variables)
         self.y = y
@@ -276,7 +309,8 @@ class Variant:
 
 def build_variants(
     args: argparse.Namespace, num_classes: int
-) -> dict[str, Variant]:
+) -> dict[tuple[str, str], Variant]:
+    """The heads of one C, keyed by (features, variant name)."""
     rng = np.random.default_rng(args.seed + num_classes)
     x0 = rng.standard_normal((args.batch, args.dim)).astype(np.float32)
     limit = math.sqrt(6.0 / (args.dim + num_classes))  # glorot uniform
@@ -287,30 +321,35 @@ def build_variants(
     with tf.device(args.device):
         y = tf.constant(labels)
         return {
-            name: Variant(name, args, num_classes, x0, y, kernel0)
+            (features, name): Variant(
+                name, args, num_classes, x0, y, kernel0, features
+            )
+            for features in args.features
             for name in args.variants
         }
 
 
 def warm_up(
-    variants: dict[str, Variant], modes: list[bool], args: argparse.Namespace
-) -> dict[tuple[str, bool], float]:
+    variants: dict[tuple[str, str], Variant], modes: list[bool],
+    args: argparse.Namespace,
+) -> dict[tuple[str, str, bool], float]:
     """Calls every step `--warmup` times; returns the first call's seconds."""
     compile_s = {}
     with tf.device(args.device):
-        for variant in variants.values():
+        for key, variant in variants.items():
             for jit in modes:
                 step = variant.steps[jit]
                 t0 = time.perf_counter()
                 variant.sync(step())
-                compile_s[(variant.name, jit)] = time.perf_counter() - t0
+                compile_s[(*key, jit)] = time.perf_counter() - t0
                 for _ in range(args.warmup - 1):
                     variant.sync(step())
     return compile_s
 
 
 def pick_inner(
-    variants: dict[str, Variant], modes: list[bool], args: argparse.Namespace
+    variants: dict[tuple[str, str], Variant], modes: list[bool],
+    args: argparse.Namespace,
 ) -> int:
     if args.inner:
         return args.inner
@@ -328,11 +367,14 @@ def pick_inner(
 
 
 def time_interleaved(
-    variants: dict[str, Variant], modes: list[bool], inner: int,
+    variants: dict[tuple[str, str], Variant], modes: list[bool], inner: int,
     args: argparse.Namespace,
-) -> tuple[dict[tuple[str, bool], list[float]], dict[tuple[str, bool], float]]:
-    """Per-step milliseconds of each (variant, jit), rounds interleaved."""
-    times = {(v, jit): [] for v in variants for jit in modes}
+) -> tuple[
+    dict[tuple[str, str, bool], list[float]],
+    dict[tuple[str, str, bool], float],
+]:
+    """Per-step ms of each (features, variant, jit), rounds interleaved."""
+    times = {(*key, jit): [] for key in variants for jit in modes}
     losses = {}
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -341,14 +383,14 @@ def time_interleaved(
         with tf.device(args.device):
             for _ in range(args.repeats):
                 for jit in modes:
-                    for variant in variants.values():
+                    for key, variant in variants.items():
                         step = variant.steps[jit]
                         t0 = time.perf_counter()
                         for _ in range(inner):
                             loss = step()
-                        losses[(variant.name, jit)] = variant.sync(loss)
+                        losses[(*key, jit)] = variant.sync(loss)
                         elapsed = time.perf_counter() - t0
-                        times[(variant.name, jit)].append(1e3 * elapsed / inner)
+                        times[(*key, jit)].append(1e3 * elapsed / inner)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -389,14 +431,15 @@ def rss_probe_available() -> bool:
 
 
 def probe_memory(
-    variants: dict[str, Variant], modes: list[bool], args: argparse.Namespace,
-    method: str,
-) -> dict[tuple[str, bool], int]:
-    """Peak extra bytes of one compiled, warm step of each (variant, jit)."""
+    variants: dict[tuple[str, str], Variant], modes: list[bool],
+    args: argparse.Namespace, method: str,
+) -> dict[tuple[str, str, bool], int]:
+    """Peak extra bytes of one compiled, warm step of each (features,
+    variant, jit)."""
     device = memory_device(args.device)
     peaks = {}
     with tf.device(args.device):
-        for variant in variants.values():
+        for key, variant in variants.items():
             for jit in modes:
                 step = variant.steps[jit]
                 variant.sync(step())  # compiled and warm
@@ -415,13 +458,13 @@ def probe_memory(
                         variant.sync(step())
                         extra = _proc_status_bytes("VmHWM") - before
                     peak = max(peak, extra)
-                peaks[(variant.name, jit)] = int(peak)
+                peaks[(*key, jit)] = int(peak)
     return peaks
 
 
 def probe_memory_subprocess(
     args: argparse.Namespace, argv: list[str]
-) -> dict[tuple[int, str, bool], int]:
+) -> dict[tuple[int, str, str, bool], int]:
     """Runs the `rss` memory probe of the whole grid in one child process."""
     script = os.path.abspath(__file__)
     probe_argv = []  # the same grid, with --memory rss
@@ -451,7 +494,8 @@ def probe_memory_subprocess(
         with open(out) as f:
             rows = json.load(f)
     return {
-        (r["classes"], r["variant"], r["jit"]): r["peak_bytes"] for r in rows
+        (r["classes"], r["features"], r["variant"], r["jit"]): r["peak_bytes"]
+        for r in rows
     }
 
 
@@ -464,10 +508,10 @@ def run_memory_probe_only(args: argparse.Namespace) -> None:
     for num_classes in args.classes:
         variants = build_variants(args, num_classes)
         peaks = probe_memory(variants, modes, args, "rss")
-        for (name, jit), peak in peaks.items():
+        for (features, name, jit), peak in peaks.items():
             rows.append(
-                {"classes": num_classes, "variant": name, "jit": jit,
-                 "peak_bytes": peak}
+                {"classes": num_classes, "features": features,
+                 "variant": name, "jit": jit, "peak_bytes": peak}
             )
         del variants
         gc.collect()
@@ -486,6 +530,24 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One table, or one per feature setting under a heading line."""
+    settings = list(dict.fromkeys(r.get("features", "trained") for r in rows))
+    if len(settings) > 1:
+        return "\n\n".join(
+            f"Features {features} ({_FEATURES_TITLE[features]}):\n\n"
+            + _one_table([r for r in rows if r["features"] == features])
+            for features in settings
+        )
+    return _one_table(rows)
+
+
+_FEATURES_TITLE = {
+    "trained": "gradients w.r.t. features and kernel",
+    "frozen": "constant features, gradient w.r.t. the kernel only",
+}
+
+
+def _one_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| C | jit | variant | median ms | IQR ms | ratio to Dense "
         "| peak MiB | ratio |",
@@ -540,42 +602,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         times, losses = time_interleaved(variants, modes, inner, args)
         if memory_method == "allocator":
             peaks.update({
-                (num_classes, name, jit): peak
-                for (name, jit), peak in probe_memory(
+                (num_classes, *key): peak
+                for key, peak in probe_memory(
                     variants, modes, args, "allocator"
                 ).items()
             })
-        for jit in modes:
-            for name in variants:
-                samples = np.asarray(times[(name, jit)])
-                q25, median, q75 = np.percentile(samples, [25, 50, 75])
-                rows.append({
-                    "classes": num_classes,
-                    "jit": jit,
-                    "variant": name,
-                    "median_ms": float(median),
-                    "q25_ms": float(q25),
-                    "q75_ms": float(q75),
-                    "iqr_ms": float(q75 - q25),
-                    "min_ms": float(samples.min()),
-                    "samples_ms": [float(t) for t in samples],
-                    "inner": inner,
-                    "first_call_s": compile_s[(name, jit)],
-                    "final_loss": losses[(name, jit)],
-                })
+        for features in args.features:
+            for jit in modes:
+                for name in args.variants:
+                    key = (features, name, jit)
+                    samples = np.asarray(times[key])
+                    q25, median, q75 = np.percentile(samples, [25, 50, 75])
+                    rows.append({
+                        "classes": num_classes,
+                        "jit": jit,
+                        "features": features,
+                        "variant": name,
+                        "median_ms": float(median),
+                        "q25_ms": float(q25),
+                        "q75_ms": float(q75),
+                        "iqr_ms": float(q75 - q25),
+                        "min_ms": float(samples.min()),
+                        "samples_ms": [float(t) for t in samples],
+                        "inner": inner,
+                        "first_call_s": compile_s[key],
+                        "final_loss": losses[key],
+                    })
         del variants
         gc.collect()
 
     if memory_method == "rss":
         peaks = probe_memory_subprocess(args, argv)
 
-    by_key = {(r["classes"], r["jit"], r["variant"]): r for r in rows}
+    by_key = {
+        (r["classes"], r["jit"], r["features"], r["variant"]): r for r in rows
+    }
     for r in rows:
-        peak = peaks.get((r["classes"], r["variant"], r["jit"]))
+        peak = peaks.get(
+            (r["classes"], r["features"], r["variant"], r["jit"])
+        )
         r["peak_bytes"] = peak
         r["peak_mib"] = None if peak is None else peak / MIB
     for r in rows:
-        dense = by_key.get((r["classes"], r["jit"], "dense"))
+        dense = by_key.get((r["classes"], r["jit"], r["features"], "dense"))
         r["ratio_to_dense"] = _ratio(
             r["median_ms"], dense and dense["median_ms"]
         )
@@ -600,7 +669,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "device": args.device,
             "optimizer": "SGD(learning_rate=1e-3, momentum=0.9)",
             "loss": "mean sparse_softmax_cross_entropy_with_logits",
-            "grads": "features x and kernel",
+            "features": args.features,
+            "grads": {
+                "trained": "features x (a variable) and kernel",
+                "frozen": "kernel only (x a constant tensor)",
+            },
             "memory_method": memory_method,
             "memory_method_detail": {
                 "allocator": "tf.config.experimental.get_memory_info peak "

@@ -14,6 +14,13 @@ try:
     from tensorflow.python.ops import control_flow_util as _control_flow_util
 except ImportError:
     _control_flow_util = None
+try:
+    from tensorflow.python.framework import kernels as _kernels
+    from tensorflow.python.framework.config import (
+        is_op_determinism_enabled as _is_op_determinism_enabled,
+    )
+except ImportError:
+    _kernels = _is_op_determinism_enabled = None
 
 
 def check_margin(margin: Any) -> int:
@@ -219,6 +226,13 @@ def lsoftmax_logits(
     layer and `torch.nn.Linear`: a training step then reads and updates only
     the B contiguous rows of the labelled classes.
 
+    In a `tf.function` on a CPU-only machine, with more classes than samples
+    (at least 128 samples and 65 536 logits), the forward pass runs as one
+    nested XLA computation (`jit_compile=True`, compiled once per input
+    shape) even when the function itself is not compiled: TensorFlow's own
+    kernels need a (B, C) transpose there. The backward pass uses
+    TensorFlow's kernels.
+
     Args:
         inputs: float tensor (B, D), the features.
         kernel: float tensor (C, D), one row of class weights per class.
@@ -256,32 +270,25 @@ def _margin_core(
     valid: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     full_pass = _full_pass(x, w)
+    compiled = margin > 1 and _compile_forward(x, w)
 
     @tf.custom_gradient
     def forward(x, w, labels, lam):
-        logits = _logits(x, w)
         index = target_index(labels)
-        target = tf.gather_nd(logits, index)
-        if full_pass:
-            b = tf.gather(_row_norms(w), labels)
-        else:
-            w_y = tf.gather(w, labels)  # (B, D)
-            b = _row_norms(w_y)
-        a = _row_norms(x)
-        ab = a * b
-        cos = tf.clip_by_value(tf.math.divide_no_nan(target, ab), -1.0, 1.0)
         if margin == 1:
+            logits, target, cos, _ = _margin_forward(
+                x, w, labels, index, lam, None, 1, full_pass
+            )
             return (logits, target, cos), _dense_grad(x, w)
-        p, dp = psi(cos, margin)
-        inv = 1.0 / (1.0 + lam)
-        if valid is not None:
-            inv = inv * valid
-        # target + ab·(P − cos)/(1+λ) = (λ·xw + ab·P)/(1+λ), written so that
-        # λ → ∞ returns xw exactly.
-        with tf.control_dependencies([target]):
-            out = _add_at(logits, index, ab * (p - cos) * inv)
-        alpha_minus_1 = (dp - 1.0) * inv
-        delta = (p - cos * dp) * inv
+        if compiled:
+            fn = _compiled_forward(margin, full_pass, valid is not None)
+            extra = () if valid is None else (valid,)
+            out, target, cos, saved = fn(x, w, labels, index, lam, *extra)
+        else:
+            out, target, cos, saved = _margin_forward(
+                x, w, labels, index, lam, valid, margin, full_pass
+            )
+        a, b, alpha_minus_1, delta, *w_y = saved
 
         def grad(upstream, *unused):
             g = tf.gather_nd(upstream, index)
@@ -299,12 +306,132 @@ def _margin_core(
                 )
                 dw += per_class[:, None] * w
             else:
-                dw = _add_at(dw, labels[:, None], radial[:, None] * w_y)
+                dw = _add_at(dw, labels[:, None], radial[:, None] * w_y[0])
             return dx, dw, None, None
 
         return (out, target, cos), grad
 
     return forward(x, w, labels, lam)
+
+
+def _margin_forward(
+    x: tf.Tensor,
+    w: tf.Tensor,
+    labels: tf.Tensor,
+    index: tf.Tensor,
+    lam: tf.Tensor,
+    valid: tf.Tensor | None,
+    margin: int,
+    full_pass: bool,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tuple[tf.Tensor, ...] | None]:
+    """The forward pass of `_margin_core`.
+
+    Returns the margin logits, the plain target logits, cos θ and what the
+    gradient needs: (a, b, α − 1, δ), plus the labelled class weights w_y
+    (B, D) unless `full_pass`; None for m = 1.
+    """
+    logits = _logits(x, w)
+    target = tf.gather_nd(logits, index)
+    if full_pass:
+        b = tf.gather(_row_norms(w), labels)
+    else:
+        w_y = tf.gather(w, labels)  # (B, D)
+        b = _row_norms(w_y)
+    a = _row_norms(x)
+    ab = a * b
+    cos = tf.clip_by_value(tf.math.divide_no_nan(target, ab), -1.0, 1.0)
+    if margin == 1:
+        return logits, target, cos, None
+    p, dp = psi(cos, margin)
+    inv = 1.0 / (1.0 + lam)
+    if valid is not None:
+        inv = inv * valid
+    # target + ab·(P − cos)/(1+λ) = (λ·xw + ab·P)/(1+λ), written so that
+    # λ → ∞ returns xw exactly.
+    with tf.control_dependencies([target]):
+        out = _add_at(logits, index, ab * (p - cos) * inv)
+    alpha_minus_1 = (dp - 1.0) * inv
+    delta = (p - cos * dp) * inv
+    saved = (a, b, alpha_minus_1, delta)
+    return out, target, cos, saved if full_pass else saved + (w_y,)
+
+
+def _compile_forward(x: tf.Tensor, w: tf.Tensor) -> bool:
+    """Whether `_margin_core` runs its forward pass as one XLA computation.
+
+    Only in a graph that XLA does not compile already, on a CPU-only
+    machine, with more classes than samples and enough of both (see
+    `_COMPILE_MIN_ROWS`). There TensorFlow's Eigen matmul has no fast
+    orientation for x·wᵀ (see `_logits`): the (B, C) transpose takes some
+    3 ms of a 55 ms linear-probe step at B = 256, D = 512, C = 10 000 on two
+    cores, and the O(B·D) margin math adds some fifty small kernels. XLA
+    computes x·wᵀ as fast as the fast orientation and fuses the rest into a
+    few loops. The backward pass stays in TensorFlow (its products have a
+    fast orientation, and an unused ∂L/∂x is pruned), and so does the rest
+    of the step. XLA compiles the forward pass once per input shape, in a
+    fraction of a second.
+
+    Not under a `tf.distribute` strategy, with op determinism enabled or
+    with an accelerator visible (Keras does not compile those with XLA
+    either), and not in eager mode (a compilation per call shape).
+    """
+    rows, classes = _num_rows(x), _num_rows(w)
+    if rows >= classes or rows < _COMPILE_MIN_ROWS:
+        return False
+    if rows * classes < _COMPILE_MIN_LOGITS:
+        return False
+    if tf.executing_eagerly():
+        return False
+    if _in_xla_context() or tf.distribute.has_strategy():
+        return False
+    return _xla_cpu_only()
+
+
+# Measured on two cores (B = 16 to 512, C = 300 to 100 000, D = 512): from
+# 128 rows and 65 536 logits the compiled forward pass makes a training step
+# 0 to 7 % faster; with fewer rows it gains nothing and can lose up to 5 %.
+_COMPILE_MIN_ROWS = 128
+_COMPILE_MIN_LOGITS = 1 << 16
+
+_XLA_CPU_ONLY = None
+
+
+def _xla_cpu_only() -> bool:
+    # Private TensorFlow modules again: without them, keep to plain kernels.
+    global _XLA_CPU_ONLY
+    if _kernels is None or _is_op_determinism_enabled():
+        return False
+    if _XLA_CPU_ONLY is None:
+        launch = _kernels.get_registered_kernels_for_op("XlaLaunch")
+        _XLA_CPU_ONLY = any(
+            k.device_type == "CPU" for k in launch.kernel
+        ) and all(
+            d.device_type == "CPU" for d in tf.config.list_logical_devices()
+        )
+    return _XLA_CPU_ONLY
+
+
+_COMPILED_FORWARD: dict[tuple[int, bool, bool], Any] = {}
+
+
+def _compiled_forward(margin: int, full_pass: bool, with_valid: bool):
+    """`_margin_forward` as a `tf.function(jit_compile=True)`.
+
+    One per (margin, radial path, mask or not), kept for the process; each
+    traces and compiles once per input shape and dtype.
+    """
+    key = (margin, full_pass, with_valid)
+    if key not in _COMPILED_FORWARD:
+
+        def fn(x, w, labels, index, lam, valid=None):
+            return _margin_forward(
+                x, w, labels, index, lam, valid, margin, full_pass
+            )
+
+        _COMPILED_FORWARD[key] = tf.function(
+            fn, jit_compile=True, autograph=False, reduce_retracing=True
+        )
+    return _COMPILED_FORWARD[key]
 
 
 def _dense_grad(x: tf.Tensor, w: tf.Tensor):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks import bench_fit
 from benchmarks import bench_head
 from benchmarks import bench_mnist
 from benchmarks.autodiff_reference import AutodiffLSoftmaxDense
@@ -127,6 +128,57 @@ def test_bench_head_flags(tmp_path, capsys):
     ]
     assert all(r["peak_mib"] is None for r in rows)
     assert len(_table_rows(capsys.readouterr().out)) == 2
+
+
+def test_bench_head_frozen_features(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench_head.main(
+        [
+            "--classes", "40", "--batch", "8", "--dim", "16",
+            "--repeats", "2", "--warmup", "1", "--inner", "2",
+            "--no-jit", "--memory", "none",
+            "--variants", "dense", "lsoftmax",
+            "--features", "trained", "frozen",
+            "--out", str(out),
+        ]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["features"], r["variant"]) for r in rows) == [
+        ("frozen", "dense"),
+        ("frozen", "lsoftmax"),
+        ("trained", "dense"),
+        ("trained", "lsoftmax"),
+    ]
+    for r in rows:
+        assert r["median_ms"] > 0 and math.isfinite(r["final_loss"])
+        if r["variant"] == "dense":
+            assert r["ratio_to_dense"] == 1.0
+    printed = capsys.readouterr().out
+    assert "Features frozen" in printed and "Features trained" in printed
+    assert len(_table_rows(printed)) == 4
+
+
+def test_bench_fit_tiny_run(tmp_path, capsys):
+    out = tmp_path / "fit.json"
+    results = bench_fit.main(
+        [
+            "--classes", "30", "--batch", "8", "--dim", "16",
+            "--repeats", "2", "--warmup", "1", "--inner", "2",
+            "--fit-batches", "3", "--out", str(out),
+        ]
+    )
+    data = json.loads(out.read_text())
+    assert data["rows"] == json.loads(json.dumps(results["rows"]))
+    keys = sorted((r["api"], r["variant"]) for r in data["rows"])
+    assert keys == [
+        ("fit", "dense"),
+        ("fit", "lsoftmax"),
+        ("train_on_batch", "dense"),
+        ("train_on_batch", "lsoftmax"),
+    ]
+    for r in data["rows"]:
+        assert r["median_ms"] > 0 and r["ratio_to_dense"] > 0
+    assert "| C | API | jit | variant" in capsys.readouterr().out
 
 
 def test_bench_head_help(capsys):

@@ -282,8 +282,18 @@ def test_paths_chosen_by_batch_and_class_count(batch, num_classes, static_batch)
     many_classes = num_classes > (rows or 256)
     types = [op.type for op in plain.get_concrete_function().graph.get_operations()]
     assert ("Transpose" in types) == many_classes
-    types = [op.type for op in step.get_concrete_function().graph.get_operations()]
-    assert types.count("ScatterNdNonAliasingAdd") == (3 if many_classes else 2)
+    graph = step.get_concrete_function().graph
+    types = [op.type for op in graph.get_operations()]
+    # With many logits the margin forward pass is one XLA computation, whose
+    # in-place update of the labelled logits is not in this graph.
+    compiled = bool(_must_compile_calls(graph))
+    assert compiled == (
+        many_classes
+        and (rows or 256) >= ops._COMPILE_MIN_ROWS
+        and (rows or 256) * num_classes >= ops._COMPILE_MIN_LOGITS
+    )
+    in_place = 3 if many_classes and not compiled else 2
+    assert types.count("ScatterNdNonAliasingAdd") == in_place
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -334,6 +344,145 @@ def test_gradient_leaves_caller_tensors_unchanged(in_function, radial_path):
     np.testing.assert_allclose(out, expected_out, rtol=1e-12, atol=1e-12)
     for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------- compiled forward pass
+
+
+def _must_compile_calls(graph):
+    """The function calls in `graph` that XLA must compile."""
+    return [
+        op
+        for op in graph.get_operations()
+        if op.type in ("PartitionedCall", "StatefulPartitionedCall")
+        and op.node_def.attr["_XlaMustCompile"].b
+    ]
+
+
+# 128 samples, B·C = 128 000 logits, more classes than samples: the forward
+# pass is compiled in a graph on a CPU-only machine (`ops._compile_forward`).
+_MANY = dict(batch=128, dim=8, num_classes=1000)
+
+
+def _many_classes_step(margin, lam, upstream, with_valid, watch_x):
+    """A tf.function: margin logits and gradients (kernel only unless
+    `watch_x`), on the inputs of `_MANY`."""
+
+    @tf.function
+    def step(x, w, labels, valid):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            if watch_x:
+                tape.watch(x)
+            checked = ops.check_labels(labels, w.shape[0], x)
+            out = ops.margin_logits(
+                x, w, checked, margin, lam, valid if with_valid else None
+            )[0]
+            loss = tf.reduce_sum(out * tf.cast(upstream, out.dtype))
+        sources = [x, w] if watch_x else [w]
+        return out, tape.gradient(loss, sources)
+
+    return step
+
+
+@pytest.mark.parametrize("watch_x", [True, False], ids=["trained", "frozen"])
+@pytest.mark.parametrize("with_valid", [False, True], ids=["all", "valid"])
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("margin", [2, 4])
+def test_compiled_forward_matches_plain_kernels(
+    margin, dtype, tol, with_valid, watch_x, monkeypatch
+):
+    x, w, labels = _spread_data(margin, **_MANY)
+    x, w = tf.constant(x.astype(dtype)), tf.constant(w.astype(dtype))
+    labels = tf.constant(labels, tf.int32)
+    rng = np.random.default_rng(margin)
+    upstream = rng.standard_normal((_MANY["batch"], _MANY["num_classes"]))
+    valid = tf.constant(rng.integers(0, 2, _MANY["batch"]), dtype)
+    saved = [t.numpy().copy() for t in (x, w)]
+    args = (x, w, labels, valid)
+
+    step = _many_classes_step(margin, 0.5, upstream, with_valid, watch_x)
+    graph = step.get_concrete_function(*args).graph
+    assert len(_must_compile_calls(graph)) == 1
+    # The labels reach the compiled computation (which clamps, rather than
+    # rejects, labels out of range) only through the range assertions.
+    (call,) = _must_compile_calls(graph)
+    assert any("assert" in op.name.lower() for op in _ancestors(call))
+    out, grads = step(*args)
+
+    monkeypatch.setattr(ops, "_compile_forward", lambda x, w: False)
+    plain_step = _many_classes_step(margin, 0.5, upstream, with_valid, watch_x)
+    assert not _must_compile_calls(plain_step.get_concrete_function(*args).graph)
+    ref_out, ref_grads = plain_step(*args)
+
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+    assert len(grads) == len(ref_grads) == (2 if watch_x else 1)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        scale = np.max(np.abs(r))
+        np.testing.assert_allclose(g, r, rtol=10 * tol, atol=10 * tol * scale)
+    for tensor, before in zip((x, w), saved):
+        np.testing.assert_array_equal(tensor, before)
+
+
+def test_compiled_forward_matches_autodiff_reference():
+    margin, lam = 4, 0.5
+    x, w, labels = _spread_data(margin, **_MANY)
+    upstream = np.random.default_rng(7).standard_normal(
+        (_MANY["batch"], _MANY["num_classes"])
+    )
+    step = tf.function(lambda x, w: _grads(x, w, labels, margin, lam, upstream))
+    assert _must_compile_calls(step.get_concrete_function(x, w).graph)
+    out, grads = step(x, w)
+    ref_out, ref_grads = _grads(
+        x, w, labels, margin, lam, upstream, fn=ref.lsoftmax_autodiff
+    )
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_forward_rejects_labels_out_of_range():
+    x, w, labels = _spread_data(4, **_MANY)
+    fn = tf.function(lambda x, w, y: ops.lsoftmax_logits(x, w, y, 4, 0.0))
+    labels[5] = _MANY["num_classes"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`labels`"):
+        fn(x, w, tf.constant(labels, tf.int32))
+
+
+def test_compiled_forward_only_where_it_pays(monkeypatch):
+    with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float32, (128, 8))
+        w = tf.compat.v1.placeholder(tf.float32, (1000, 8))
+        assert ops._compile_forward(x, w)
+        # Fewer classes than samples, too few samples or too few logits.
+        assert not ops._compile_forward(w, x)
+        few_rows = tf.compat.v1.placeholder(tf.float32, (64, 8))
+        many_classes = tf.compat.v1.placeholder(tf.float32, (100000, 8))
+        assert not ops._compile_forward(few_rows, many_classes)
+        few_classes = tf.compat.v1.placeholder(tf.float32, (500, 8))
+        assert not ops._compile_forward(x, few_classes)
+        # An unknown batch size counts as 256.
+        unknown = tf.compat.v1.placeholder(tf.float32, (None, 8))
+        assert ops._compile_forward(unknown, w)
+        with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+            assert not ops._compile_forward(x, w)
+        monkeypatch.setattr(ops, "_is_op_determinism_enabled", lambda: True)
+        assert not ops._compile_forward(x, w)
+    # Eager mode runs the plain kernels; so does a graph XLA compiles anyway.
+    assert not ops._compile_forward(tf.zeros((128, 8)), tf.zeros((1000, 8)))
+    jit = tf.function(
+        lambda x, w: tf.constant(ops._compile_forward(x, w)), jit_compile=True
+    )
+    assert not jit(tf.zeros((128, 8)), tf.zeros((1000, 8)))
+
+
+def test_margin_one_is_never_compiled():
+    x, w, labels = _spread_data(1, **_MANY)
+    fn = tf.function(lambda x, w: ops.lsoftmax_logits(x, w, labels, 1, 0.0))
+    assert not _must_compile_calls(fn.get_concrete_function(x, w).graph)
+    np.testing.assert_array_equal(fn(x, w), ops.plain_logits(x, w))
 
 
 # --------------------------------------------------------------- numerics
