@@ -56,10 +56,8 @@ table. Nothing here asserts a time.
 
 import argparse
 import gc
-import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -67,11 +65,15 @@ from typing import Any
 import numpy as np
 
 try:
-    import keras_lsoftmax
+    import benchmarks  # noqa: F401
 except ImportError:  # run as `python benchmarks/bench_fit.py`
-    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, _ROOT)
-    import keras_lsoftmax
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras_lsoftmax  # noqa: E402
+from benchmarks.common import add_timing_arguments  # noqa: E402
+from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import fmt  # noqa: E402
+from benchmarks.common import report  # noqa: E402
 
 import keras
 import tensorflow as tf
@@ -90,29 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "keras_lsoftmax.Sequential LSoftmaxDense model vs a Dense one (see "
         "the module docstring).",
     )
-    parser.add_argument(
-        "--classes", type=int, nargs="+", default=list(DEFAULT_CLASSES),
-        help="numbers of classes C (default: %(default)s)",
-    )
-    parser.add_argument("--batch", type=int, default=256, help="batch size B")
-    parser.add_argument("--dim", type=int, default=512, help="feature size D")
-    parser.add_argument(
-        "--repeats", type=int, default=20,
-        help="interleaved timing rounds (samples per variant)",
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=3,
-        help="untimed calls per variant and API before timing (the first "
-        "traces)",
-    )
-    parser.add_argument(
-        "--inner", type=int, default=0,
-        help="steps per timing sample; 0 (default) picks it from "
-        "--min-sample-ms",
-    )
-    parser.add_argument(
-        "--min-sample-ms", type=float, default=200.0,
-        help="target duration of one timing sample when --inner is 0",
+    add_timing_arguments(
+        parser,
+        classes=DEFAULT_CLASSES,
+        repeats=20,
+        min_sample_ms=200.0,
+        warmup_help="untimed calls per variant and API before timing (the "
+        "first traces)",
     )
     parser.add_argument(
         "--fit-batches", type=int, default=16,
@@ -343,10 +329,6 @@ def time_one_c(
     return rows
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| C | API | jit | variant | median ms | IQR ms | ratio to Dense |",
@@ -359,7 +341,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['classes']} | {r['api']} | {jit} | {r['variant']} "
             f"| {r['median_ms']:.3f} | {r['iqr_ms']:.3f} "
-            f"| {_fmt(r['ratio_to_dense'], '.2f')} |"
+            f"| {fmt(r['ratio_to_dense'], '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -402,21 +384,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "loss": "SparseCategoricalCrossentropy(from_logits=True)",
             "metrics": ["accuracy"],
             "seed": args.seed,
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "keras_lsoftmax": keras_lsoftmax.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
+            **environment(),
         },
         "rows": rows,
         "markdown": table,
     }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    print(table)
-    return results
+    return report(results, args.out)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,6 @@ import gc
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -104,11 +103,15 @@ from typing import Any
 import numpy as np
 
 try:
-    from benchmarks.autodiff_reference import AutodiffLSoftmaxDense
+    import benchmarks  # noqa: F401
 except ImportError:  # run as `python benchmarks/bench_head.py`
-    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, _ROOT)
-    from benchmarks.autodiff_reference import AutodiffLSoftmaxDense
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.autodiff_reference import AutodiffLSoftmaxDense  # noqa: E402
+from benchmarks.common import add_timing_arguments  # noqa: E402
+from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import fmt  # noqa: E402
+from benchmarks.common import report  # noqa: E402
 
 import keras
 import tensorflow as tf
@@ -128,28 +131,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Time a training step of LSoftmaxDense vs Dense vs an "
         "autodiff L-Softmax head (see the module docstring).",
     )
-    parser.add_argument(
-        "--classes", type=int, nargs="+", default=list(DEFAULT_CLASSES),
-        help="numbers of classes C (default: %(default)s)",
-    )
-    parser.add_argument("--batch", type=int, default=256, help="batch size B")
-    parser.add_argument("--dim", type=int, default=512, help="feature size D")
-    parser.add_argument(
-        "--repeats", type=int, default=30,
-        help="interleaved timing rounds (samples per variant)",
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=3,
-        help="untimed calls per step before timing (the first compiles)",
-    )
-    parser.add_argument(
-        "--inner", type=int, default=0,
-        help="steps per timing sample; 0 (default) picks it from "
-        "--min-sample-ms",
-    )
-    parser.add_argument(
-        "--min-sample-ms", type=float, default=100.0,
-        help="target duration of one timing sample when --inner is 0",
+    add_timing_arguments(
+        parser,
+        classes=DEFAULT_CLASSES,
+        repeats=30,
+        min_sample_ms=100.0,
+        warmup_help="untimed calls per step before timing (the first "
+        "compiles)",
     )
     parser.add_argument(
         "--device", default="/CPU:0", help="TF device, e.g. /CPU:0, /GPU:0"
@@ -525,10 +513,6 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One table, or one per feature setting under a heading line."""
     settings = list(dict.fromkeys(r.get("features", "trained") for r in rows))
@@ -557,9 +541,9 @@ def _one_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['classes']} | {'yes' if r['jit'] else 'no'} "
             f"| {r['variant']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} "
-            f"| {_fmt(r['ratio_to_dense'], '.2f')} "
-            f"| {_fmt(r['peak_mib'], '.4g')} "
-            f"| {_fmt(r['peak_ratio_to_dense'], '.2f')} |"
+            f"| {fmt(r['ratio_to_dense'], '.2f')} "
+            f"| {fmt(r['peak_mib'], '.4g')} "
+            f"| {fmt(r['peak_ratio_to_dense'], '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -686,21 +670,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }[memory_method],
             "memory_probes": args.memory_probes,
             "seed": args.seed,
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "keras_lsoftmax": keras_lsoftmax.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
+            **environment(),
         },
         "rows": rows,
         "markdown": table,
     }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    print(table)
-    return results
+    return report(results, args.out)
 
 
 if __name__ == "__main__":
