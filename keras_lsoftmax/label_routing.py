@@ -38,17 +38,21 @@ def model_label_scope(model: keras.Model, x: Any, y: Any) -> label_scope:
         if labels is not None:
             loss = _select(model.loss, path, outputs, names)
             routes[head_id] = (labels, _ignore_class(loss))
-    fallback = None
-    if _count(y) == 1:
-        leaf = next(v for v in keras.tree.flatten(y) if v is not None)
-        fallback = (leaf, _ignore_class(model.loss))
+    leaf = _only_leaf(y)
+    fallback = None if leaf is None else (leaf, _ignore_class(model.loss))
     return _RoutedLabelScope(model, y, routes, fallback)
 
 
 class _RoutedLabelScope(label_scope):
     """A `label_scope` whose labels depend on the head."""
 
-    def __init__(self, model: keras.Model, y: Any, routes: dict, fallback):
+    def __init__(
+        self,
+        model: keras.Model,
+        y: Any,
+        routes: dict[int, tuple[Any, int | None]],
+        fallback: tuple[Any, int | None] | None,
+    ):
         super().__init__(y)
         self._model = model
         self._routes = routes
@@ -61,7 +65,8 @@ class _RoutedLabelScope(label_scope):
                 f"Cannot tell which labels LSoftmaxDense '{layer.name}' "
                 f"should use: it is not an output of model "
                 f"'{self._model.name}' (or its output has no labels in `y`), "
-                f"and `y` holds labels for {_count(self.labels)} outputs. "
+                f"and `y` holds labels for {len(_leaves(self.labels))} "
+                "outputs. "
                 "Make the head's output a model output (the head "
                 "then gets the labels of that output), or train in your own "
                 "loop and call the head with `labels=...` or inside "
@@ -70,8 +75,14 @@ class _RoutedLabelScope(label_scope):
         return route
 
 
-def _count(y: Any) -> int:
-    return len([leaf for leaf in keras.tree.flatten(y) if leaf is not None])
+def _leaves(structure: Any) -> list:
+    return [leaf for leaf in keras.tree.flatten(structure) if leaf is not None]
+
+
+def _only_leaf(structure: Any) -> Any:
+    """The one non-None leaf of `structure`, or None if it has several."""
+    leaves = _leaves(structure)
+    return leaves[0] if len(leaves) == 1 else None
 
 
 class _HeadProbe(label_scope):
@@ -151,15 +162,10 @@ def _by_output_names(structure: dict, outputs: Any, names: Any) -> Any:
     return structure
 
 
-def _single_loss(loss: Any) -> Any:
-    leaves = [leaf for leaf in keras.tree.flatten(loss) if leaf is not None]
-    return leaves[0] if len(leaves) == 1 else None
-
-
 def _ignore_class(loss: Any) -> int | None:
     """The `ignore_class` of a compiled loss, if it has one."""
     if keras.tree.is_nested(loss):
-        loss = _single_loss(loss)
+        loss = _only_leaf(loss)
     if not isinstance(loss, keras.losses.Loss):
         return None  # a name or a function: no ignored class
     ignore_class = loss.get_config().get("ignore_class")
