@@ -9,6 +9,7 @@ import numpy as np
 from keras_lsoftmax.layers import LSoftmaxDense
 from keras_lsoftmax.layers import find_lsoftmax_layers
 from keras_lsoftmax.layers import lambda_value
+from keras_lsoftmax.schedules import LambdaSchedule
 
 _UNITS = ("step", "epoch")
 
@@ -22,34 +23,47 @@ class LambdaScheduler(keras.callbacks.Callback):
     (`keras_lsoftmax.schedules.InverseDecay`), which the paper needs to
     converge beyond MNIST.
 
-    With `unit="step"` the callback sets λ = `schedule(t)` before every
-    training batch, where t = `model.optimizer.iterations + 1` is the
-    1-based global step: the first batch of a run uses t = 1, as in the
-    authors' Caffe code, and after n optimizer steps the last batch used
-    λ = `schedule(n)`. Because `optimizer.iterations` is saved with the model
-    (`.keras` files, `keras.callbacks.BackupAndRestore`), a resumed run
-    continues the schedule exactly. With `unit="epoch"` it sets
-    λ = `schedule(epoch)` at the start of each epoch, with the 0-based epoch
-    index that `fit` reports (as `keras.callbacks.LearningRateScheduler`),
-    so `fit(initial_epoch=...)` continues it too.
+    With `unit="step"` every training step uses λ = `schedule(t)`, where
+    t = `model.optimizer.iterations + 1` is the 1-based global step: the
+    first batch of a run uses t = 1, as in the authors' Caffe code, and
+    after n optimizer steps the last batch used λ = `schedule(n)`. For a
+    `keras_lsoftmax.schedules.LambdaSchedule` the step computes λ itself,
+    inside the compiled train function, from the optimizer's step counter
+    (as Keras computes a `LearningRateSchedule`'s learning rate): nothing
+    waits on the host, and this works on every backend, in `fit` as in
+    custom loops that open a `label_scope`. The callback attaches the
+    schedule to the layers when training starts, and it stays attached
+    after `fit` (as a learning-rate schedule stays with its optimizer) until
+    another `LambdaScheduler` replaces it or `set_lambda` detaches it. Any
+    other callable is evaluated on the host with the step as a Python int
+    before every batch, which costs a host synchronization per batch.
+    Because `optimizer.iterations` is saved with the model (`.keras` files,
+    `keras.callbacks.BackupAndRestore`), a resumed run continues the
+    schedule exactly.
 
-    λ is a variable, assigned from the host: changing it never retraces the
-    train function. At the end of each epoch the callback writes the current
-    λ to `logs["lsoftmax_lambda"]`, so it reaches `History` (and
+    With `unit="epoch"` it sets λ = `schedule(epoch)` from the host at the
+    start of each epoch, with the 0-based epoch index that `fit` reports (as
+    `keras.callbacks.LearningRateScheduler`), so `fit(initial_epoch=...)`
+    continues it too.
+
+    λ is a variable: changing it never retraces the train function (only
+    attaching or detaching a schedule does, once). The logs get
+    `lsoftmax_lambda`, the λ of the last step, so it reaches `History` (and
     `keras.callbacks.TensorBoard` or `CSVLogger` when they come after this
     callback in the list).
 
     Notes:
-        - With `compile(steps_per_execution=k)`, `fit` calls the batch hooks
-          once per execution, so λ changes every k steps: the k steps of an
-          execution all use λ at the first of them.
         - With an optimizer's `gradient_accumulation_steps`, t counts the
           applied updates (`optimizer.iterations`), not the batches.
-        - The step mode reads `optimizer.iterations` once per execution,
-          which costs one host synchronization.
+        - With a host-side callable and `compile(steps_per_execution=k)`,
+          `fit` calls the batch hooks once per execution, so λ changes
+          every k steps. A `LambdaSchedule` changes λ at every step.
         - The schedule may return a Python number, a NumPy value or a scalar
-          tensor; the value must be finite and ≥ 0, otherwise `fit` stops
-          with a `ValueError` and λ keeps its previous value.
+          tensor; the value must be finite and ≥ 0. The callback checks it
+          on the host when training starts and at the end of every epoch
+          (and, for host-side callables, before every batch): `fit` stops
+          with a `ValueError`. Inside the step, an invalid value leaves λ
+          at its previous value.
 
     Args:
         schedule: a `keras_lsoftmax.schedules.LambdaSchedule`, or any
@@ -126,9 +140,25 @@ class LambdaScheduler(keras.callbacks.Callback):
         self._layers = None  # found again for the new model
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self._target_layers()
-        if self.unit == "step":
-            self._optimizer()
+        layers = self._target_layers()
+        in_step = self._in_step()
+        iterations = self._optimizer().iterations if in_step else None
+        changed = False
+        for layer in layers:
+            schedule = self.schedule if in_step else None
+            if layer.lambda_schedule is not schedule:
+                layer.attach_lambda_schedule(schedule, iterations)
+                changed = True
+        if in_step:
+            first = self._global_step() + 1
+            self._checked_value(self.schedule(first), first)
+        # fit made its train function before this hook: remake it if it
+        # was traced with other schedules.
+        self.model.make_train_function(force=changed)
+
+    def _in_step(self) -> bool:
+        """Whether the step computes λ (else the callback sets it)."""
+        return self.unit == "step" and isinstance(self.schedule, LambdaSchedule)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if self.unit != "epoch":
@@ -143,14 +173,20 @@ class LambdaScheduler(keras.callbacks.Callback):
     def on_train_batch_begin(
         self, batch: int, logs: dict | None = None
     ) -> None:
-        if self.unit != "step":
+        if self.unit != "step" or self._in_step():
             return
         self._set_lambda(self._global_step() + 1)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        value = self._current_lambda()
-        if logs is not None:
-            logs["lsoftmax_lambda"] = value
+        if self._in_step():
+            step = self._global_step()
+            self._checked_value(self.schedule(max(step, 1)), step)
+        if logs is not None and "lsoftmax_lambda" in logs:
+            value = float(np.asarray(logs["lsoftmax_lambda"]))
+        else:
+            value = self._current_lambda()
+            if logs is not None:
+                logs["lsoftmax_lambda"] = value
         if self.verbose and self.unit == "step":
             print(
                 f"\nEpoch {epoch + 1}: LambdaScheduler lambda is {value:.6g} "
@@ -212,6 +248,7 @@ class LambdaScheduler(keras.callbacks.Callback):
     def _set_lambda(self, at: int) -> float:
         """Evaluates the schedule at `at`, checks it, assigns it; returns it."""
         value = self._checked_value(self.schedule(at), at)
+        self._sync_state()
         for layer in self._target_layers():
             layer.set_lambda(value)
         return value
@@ -226,7 +263,14 @@ class LambdaScheduler(keras.callbacks.Callback):
                 "left unchanged."
             ) from error
 
+    def _sync_state(self) -> keras.Model:
+        # On JAX, reading `Callback.model` puts the state of the running
+        # `fit` back into the variables; without it, a read of λ is stale
+        # and a write to it lost.
+        return self.model
+
     def _current_lambda(self) -> float:
+        self._sync_state()
         layer = self._target_layers()[0]
         return float(np.asarray(layer.lambda_))
 

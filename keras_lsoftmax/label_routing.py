@@ -18,18 +18,23 @@ import weakref
 from typing import Any
 
 import keras
-import tensorflow as tf
 
+from keras_lsoftmax.backend import tracing
 from keras_lsoftmax.label_scope import label_scope
 
 # model -> {input structure: {id(head): output path}}
 _HEAD_PATHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def model_label_scope(model: keras.Model, x: Any, y: Any) -> label_scope:
-    """The `label_scope` that hands `y` to the heads of `model` on `x`."""
+def model_label_scope(
+    model: keras.Model, x: Any, y: Any, step: Any = None
+) -> label_scope:
+    """The `label_scope` that hands `y` to the heads of `model` on `x`.
+
+    `step` is the optimizer step of this training step (see `label_scope`).
+    """
     if not keras.tree.is_nested(y):
-        return label_scope(y, _ignore_class(model.loss))
+        return label_scope(y, _ignore_class(model.loss), step)
     paths, outputs = _head_paths(model, x)
     names = getattr(model, "output_names", None)
     routes = {}
@@ -40,7 +45,7 @@ def model_label_scope(model: keras.Model, x: Any, y: Any) -> label_scope:
             routes[head_id] = (labels, _ignore_class(loss))
     leaf = _only_leaf(y)
     fallback = None if leaf is None else (leaf, _ignore_class(model.loss))
-    return _RoutedLabelScope(model, y, routes, fallback)
+    return _RoutedLabelScope(model, y, routes, fallback, step)
 
 
 class _RoutedLabelScope(label_scope):
@@ -52,8 +57,9 @@ class _RoutedLabelScope(label_scope):
         y: Any,
         routes: dict[int, tuple[Any, int | None]],
         fallback: tuple[Any, int | None] | None,
+        step: Any,
     ):
-        super().__init__(y)
+        super().__init__(y, step=step)
         self._model = model
         self._routes = routes
         self._fallback = fallback
@@ -92,7 +98,8 @@ class _HeadProbe(label_scope):
         super().__init__(labels=())
 
     def labels_for(self, layer: Any, inputs: Any) -> tuple[Any, int | None]:
-        return tf.zeros(tf.shape(inputs)[:1], tf.int32), None
+        rows = keras.ops.shape(inputs)[0]
+        return keras.ops.zeros((rows,), "int32"), None
 
 
 def _head_paths(model: keras.Model, x: Any) -> tuple[dict, Any]:
@@ -105,20 +112,24 @@ def _head_paths(model: keras.Model, x: Any) -> tuple[dict, Any]:
         def probe(x):
             with _HeadProbe() as scope:
                 y_pred = model(x, training=True)
-            found.append((scope.records, y_pred))
-            return tf.constant(0)
+            found.append(_output_paths(scope.records, y_pred))
+            return keras.ops.zeros(())
 
-        # Traced only, never run: the step's own trace is left untouched.
-        tf.function(probe, autograph=False).get_concrete_function(x)
-        records, y_pred = found[0]
-        leaves = keras.tree.flatten_with_path(y_pred)
-        paths = {}
-        for record in records:
-            for path, leaf in leaves:
-                if leaf is record.outputs:
-                    paths[id(record.layer)] = path
-        cache[key] = (paths, keras.tree.map_structure(lambda _: None, y_pred))
+        # Traced for its structure only: the step's own trace, the model's
+        # state and its random generators are left untouched.
+        tracing.trace_only(probe, x)
+        cache[key] = found[0]
     return cache[key]
+
+
+def _output_paths(records: list, y_pred: Any) -> tuple[dict, Any]:
+    leaves = keras.tree.flatten_with_path(y_pred)
+    paths = {}
+    for record in records:
+        for path, leaf in leaves:
+            if leaf is record.outputs:
+                paths[id(record.layer)] = path
+    return paths, keras.tree.map_structure(lambda _: None, y_pred)
 
 
 def _spec_key(t: Any) -> Any:

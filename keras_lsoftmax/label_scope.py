@@ -4,7 +4,7 @@ import dataclasses
 import threading
 from typing import Any
 
-import tensorflow as tf
+import keras
 
 # One stack per thread: under `tf.distribute.MirroredStrategy` every replica
 # runs its step in a thread of its own, with labels of its own.
@@ -25,14 +25,16 @@ class HeadRecord:
             without gradient.
         valid: float mask (B,), 0 for the rows whose label is the ignored
             class (those rows get no margin), or None if no class is ignored.
+        lam: the scalar λ the call used.
     """
 
     layer: Any
-    outputs: tf.Tensor
-    labels: tf.Tensor
-    plain_target: tf.Tensor
-    cos_theta: tf.Tensor
-    valid: tf.Tensor | None = None
+    outputs: Any
+    labels: Any
+    plain_target: Any
+    cos_theta: Any
+    valid: Any = None
+    lam: Any = None
 
 
 class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
@@ -47,6 +49,10 @@ class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
         ignore_class: optional int, a label value that gets no margin and no
             range check, as `keras.losses.SparseCategoricalCrossentropy(
             ignore_class=...)` ignores it in the loss.
+        step: optional integer scalar, the number of optimizer steps taken
+            so far. A layer whose λ follows a schedule (see
+            `keras_lsoftmax.LambdaScheduler`) computes λ = schedule(step + 1);
+            by default it reads the optimizer's `iterations` itself.
 
     Example:
 
@@ -61,7 +67,9 @@ class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
     first use, still get the labels but leave no record.
     """
 
-    def __init__(self, labels: Any, ignore_class: int | None = None):
+    def __init__(
+        self, labels: Any, ignore_class: int | None = None, step: Any = None
+    ):
         if labels is None:
             raise ValueError("Expected `labels` to be a tensor. Received: None")
         if ignore_class is not None and (
@@ -73,6 +81,7 @@ class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
             )
         self.labels = labels
         self.ignore_class = ignore_class
+        self.step = step
         self.records: list[HeadRecord] = []
         self._graph: Any = None
 
@@ -83,8 +92,8 @@ class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
 
     def record(self, record: HeadRecord) -> None:
         """Keeps `record` if it was made where this scope was opened."""
-        # A record traced in another graph cannot be read by the step that
-        # opened the scope (TensorFlow raises InaccessibleTensorError).
+        # A record traced in another TensorFlow graph cannot be read by the
+        # step that opened the scope (InaccessibleTensorError).
         if _current_graph() is self._graph:
             self.records.append(record)
 
@@ -104,6 +113,12 @@ def current_label_scope() -> label_scope | None:
 
 
 def _current_graph() -> Any:
+    # Only TensorFlow traces in graphs of its own; on JAX and PyTorch the
+    # models build before their step runs, so every record is the step's.
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
     if tf.executing_eagerly():
         return None
     return tf.compat.v1.get_default_graph()

@@ -1,11 +1,11 @@
 """`LSoftmaxDense`: the class-weight layer of the L-Softmax loss."""
 
+import dataclasses
 import math
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_lsoftmax import ops
 from keras_lsoftmax.label_scope import HeadRecord
@@ -169,6 +169,7 @@ class LSoftmaxDense(keras.layers.Layer):
             autocast=False,
             aggregation="only_first_replica",
         )
+        self._lambda_schedule = None
 
     def build(self, input_shape: tuple) -> None:
         if len(input_shape) != 2 or input_shape[-1] is None:
@@ -189,9 +190,7 @@ class LSoftmaxDense(keras.layers.Layer):
             ndim=2, axes={-1: input_shape[-1]}
         )
 
-    def _transposed_initializer(
-        self, shape: tuple, dtype: Any = None
-    ) -> tf.Tensor:
+    def _transposed_initializer(self, shape: tuple, dtype: Any = None) -> Any:
         units, input_dim = shape
         dense_kernel = self.kernel_initializer((input_dim, units), dtype=dtype)
         return keras.ops.transpose(dense_kernel)
@@ -205,13 +204,14 @@ class LSoftmaxDense(keras.layers.Layer):
                 invalid value, λ keeps its previous value.
         """
         self.lambda_.assign(lambda_value(value, "value"))
+        self._lambda_schedule = None
 
     def call(
         self, inputs: Any, labels: Any = None, training: bool | None = None
-    ) -> tf.Tensor:
-        kernel = tf.convert_to_tensor(self.kernel)
+    ) -> Any:
+        kernel = keras.ops.convert_to_tensor(self.kernel)
         if self.normalize_weights:
-            kernel = tf.math.l2_normalize(kernel, axis=1, epsilon=1e-12)
+            kernel = _unit_rows(kernel)
         scope = current_label_scope()
         ignore_class = None
         if labels is None and scope is not None:
@@ -230,42 +230,103 @@ class LSoftmaxDense(keras.layers.Layer):
             return ops.plain_logits(inputs, kernel)
         labels, valid = self._sparse_labels(labels, ignore_class)
         labels = ops.check_labels(labels, self.units, inputs)
-        margin = self.margin if training else 1
+        if training:
+            margin, lam = self.margin, self._training_lambda(scope)
+        else:
+            margin, lam = 1, self.lambda_
         outputs, plain_target, cos = ops.margin_logits(
-            inputs, kernel, labels, margin, self.lambda_, valid
+            inputs, kernel, labels, margin, lam, valid
         )
         if scope is not None:
             scope.record(
-                HeadRecord(self, outputs, labels, plain_target, cos, valid)
+                HeadRecord(
+                    self,
+                    outputs,
+                    labels,
+                    plain_target,
+                    cos,
+                    valid,
+                    keras.ops.convert_to_tensor(lam),
+                )
             )
         return outputs
 
+    def _training_lambda(self, scope: Any) -> Any:
+        """λ for this training step: from the attached schedule, if any.
+
+        `LambdaScheduler` attaches a schedule and the optimizer's step
+        counter; the step then computes λ = schedule(step + 1) itself, so
+        nothing waits on the host. A value that is not finite and >= 0
+        leaves λ unchanged (the callback reports it at the end of the
+        epoch).
+        """
+        if self._lambda_schedule is None:
+            return self.lambda_
+        step = getattr(scope, "step", None)
+        if step is None:
+            step = self._lambda_schedule.iterations
+        value = self._lambda_schedule.schedule(
+            keras.ops.cast(step, "int32") + 1
+        )
+        value = keras.ops.cast(value, "float32")
+        valid = keras.ops.logical_and(
+            keras.ops.isfinite(value), keras.ops.greater_equal(value, 0.0)
+        )
+        value = keras.ops.where(
+            valid, value, keras.ops.convert_to_tensor(self.lambda_)
+        )
+        self.lambda_.assign(value)
+        return value
+
+    def attach_lambda_schedule(self, schedule: Any, iterations: Any) -> None:
+        """Makes each training step set λ = `schedule(iterations + 1)`.
+
+        Called by `keras_lsoftmax.LambdaScheduler`; `set_lambda` detaches
+        the schedule. A train function traced before the change must be
+        rebuilt to see it (the margin-aware models do so by themselves).
+
+        Args:
+            schedule: a `keras_lsoftmax.schedules.LambdaSchedule`, or None
+                to detach.
+            iterations: the optimizer's step counter variable (ignored when
+                `schedule` is None).
+        """
+        self._lambda_schedule = (
+            None if schedule is None else _AttachedSchedule(schedule, iterations)
+        )
+
+    @property
+    def lambda_schedule(self) -> Any:
+        """The `LambdaSchedule` the training steps compute λ from, or None."""
+        attached = self._lambda_schedule
+        return None if attached is None else attached.schedule
+
     def _sparse_labels(
         self, labels: Any, ignore_class: int | None
-    ) -> tuple[tf.Tensor, tf.Tensor | None]:
+    ) -> tuple[Any, Any]:
         """Sparse labels (B,) and, given `ignore_class`, the valid-row mask."""
-        labels = tf.convert_to_tensor(labels)
-        shape = labels.shape
-        if shape.rank == 2 and shape[-1] == 1:
-            labels = tf.squeeze(labels, axis=-1)
-        elif shape.rank == 2 and shape[-1] == self.units:
-            labels = tf.argmax(labels, axis=-1, output_type=tf.int32)
-        elif shape.rank != 1:
+        labels = keras.ops.convert_to_tensor(labels)
+        shape = tuple(labels.shape)
+        if len(shape) == 2 and shape[-1] == 1:
+            labels = keras.ops.squeeze(labels, axis=-1)
+        elif len(shape) == 2 and shape[-1] == self.units:
+            labels = keras.ops.cast(keras.ops.argmax(labels, axis=-1), "int32")
+        elif len(shape) != 1:
             raise ValueError(
                 f"LSoftmaxDense '{self.name}' expects labels of shape "
                 f"(batch_size,) or (batch_size, 1) with class ids, or "
                 f"(batch_size, {self.units}) one-hot. Received: labels with "
                 f"shape {shape}"
             )
-        if labels.dtype.is_floating:
-            labels = tf.cast(labels, tf.int32)
+        if "float" in keras.backend.standardize_dtype(labels.dtype):
+            labels = keras.ops.cast(labels, "int32")
         if ignore_class is None:
             return labels, None
         # As Keras's sparse cross-entropy does: an ignored row takes class
         # 0, and its 0 in `valid` removes its margin.
-        ignored = tf.equal(labels, tf.cast(ignore_class, labels.dtype))
-        labels = tf.where(ignored, tf.zeros_like(labels), labels)
-        return labels, 1.0 - tf.cast(ignored, tf.float32)
+        ignored = keras.ops.equal(labels, ignore_class)
+        labels = keras.ops.where(ignored, keras.ops.zeros_like(labels), labels)
+        return labels, 1.0 - keras.ops.cast(ignored, "float32")
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*tuple(input_shape)[:-1], self.units)
@@ -273,10 +334,8 @@ class LSoftmaxDense(keras.layers.Layer):
     def compute_output_spec(
         self, inputs: Any, labels: Any = None, training: bool | None = None
     ) -> keras.KerasTensor:
-        dtype = ops.compute_dtype(
-            tf.as_dtype(inputs.dtype), tf.as_dtype(self.variable_dtype)
-        )
-        return keras.KerasTensor((inputs.shape[0], self.units), dtype.name)
+        dtype = ops.compute_dtype(inputs.dtype, self.variable_dtype)
+        return keras.KerasTensor((inputs.shape[0], self.units), dtype)
 
     def get_config(self) -> dict[str, Any]:
         config = {
@@ -295,6 +354,20 @@ class LSoftmaxDense(keras.layers.Layer):
             ),
         }
         return {**super().get_config(), **config}
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttachedSchedule:
+    # A plain object, so Keras does not track the optimizer's counter as a
+    # variable of the layer.
+    schedule: Any
+    iterations: Any
+
+
+def _unit_rows(kernel: Any) -> Any:
+    """`kernel` with every row scaled to unit norm (zero rows stay zero)."""
+    squares = keras.ops.sum(keras.ops.square(kernel), axis=1, keepdims=True)
+    return kernel * keras.ops.rsqrt(keras.ops.maximum(squares, 1e-12))
 
 
 def find_lsoftmax_layers(root: Any) -> list[LSoftmaxDense]:

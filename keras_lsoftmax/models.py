@@ -1,22 +1,25 @@
 """Margin-aware `Sequential` and `Model`: `fit` hands the labels to the head."""
 
-import math
-import warnings
 from typing import Any
 
 import keras
-import tensorflow as tf
 
-from keras_lsoftmax import ops
-from keras_lsoftmax.label_routing import model_label_scope
-from keras_lsoftmax.label_scope import label_scope
+from keras_lsoftmax.backend import BACKEND
 from keras_lsoftmax.layers import find_lsoftmax_layers
+from keras_lsoftmax.margin_step import LatestValue
+
+if BACKEND == "tensorflow":
+    from keras_lsoftmax.backend.tensorflow.trainer import MarginTrainer
+elif BACKEND == "jax":
+    from keras_lsoftmax.backend.jax.trainer import MarginTrainer
+else:
+    from keras_lsoftmax.backend.torch.trainer import MarginTrainer
 
 
 _MARGIN_LOGS = ("lsoftmax_lambda", "lsoftmax_theta")
 
 
-class MarginTrainingMixin:
+class MarginTrainingMixin(MarginTrainer):
     """The `train_step` / `test_step` shared by `Sequential` and `Model`.
 
     `train_step` runs the forward pass inside a `label_scope`, so every
@@ -55,8 +58,21 @@ class MarginTrainingMixin:
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.lsoftmax_lambda_tracker = _LatestValue(name="lsoftmax_lambda")
+        self.lsoftmax_lambda_tracker = LatestValue(name="lsoftmax_lambda")
         self.lsoftmax_theta_tracker = keras.metrics.Mean(name="lsoftmax_theta")
+        self._traced_lambda_schedules: frozenset | None = None
+
+    def make_train_function(self, force: bool = False) -> Any:
+        # The train function computes λ from the schedules attached to the
+        # heads when it is traced; attaching or detaching one (through
+        # LambdaScheduler or set_lambda) needs a new one.
+        schedules = frozenset(
+            (id(layer), layer.lambda_schedule)
+            for layer in find_lsoftmax_layers(self)
+        )
+        force = force or schedules != self._traced_lambda_schedules
+        self._traced_lambda_schedules = schedules
+        return super().make_train_function(force=force)
 
     @property
     def metrics(self) -> list[keras.metrics.Metric]:
@@ -72,63 +88,6 @@ class MarginTrainingMixin:
     def _is_margin_tracker(self, metric: keras.metrics.Metric) -> bool:
         trackers = (self.lsoftmax_lambda_tracker, self.lsoftmax_theta_tracker)
         return any(metric is tracker for tracker in trackers)
-
-    def train_step(self, data: Any) -> dict[str, Any]:
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        _check_targets(y)
-        scope = model_label_scope(self, x, y)
-        with tf.GradientTape() as tape:
-            with scope:
-                y_pred = self(x, training=True)
-            loss = self.compute_loss(
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=True,
-            )
-            scaled_loss = self.optimizer.scale_loss(loss)
-        variables = self.trainable_variables
-        gradients = tape.gradient(scaled_loss, variables)
-        self.optimizer.apply(gradients, variables)
-        # After the loss and its gradient, nothing else holds the logits,
-        # so the plain targets go back into them in place.
-        with tf.control_dependencies([loss]):
-            metrics_pred = _plain_predictions(y_pred, scope)
-        logs = self._update_metrics(
-            x, y, metrics_pred, sample_weight, loss, scope
-        )
-        return _reducible_logs(logs, self.distribute_strategy)
-
-    def test_step(self, data: Any) -> dict[str, Any]:
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        _check_targets(y)
-        with model_label_scope(self, x, y) as scope:
-            y_pred = self(x, training=False)
-        loss = self.compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
-        )
-        logs = self._update_metrics(x, y, y_pred, sample_weight, loss, scope)
-        return _reducible_logs(logs, self.distribute_strategy)
-
-    def _maybe_symbolic_build(
-        self, iterator: Any = None, data_batch: Any = None
-    ) -> None:
-        # Keras 3.15 builds a distributed model from a first batch averaged
-        # over the replicas, a reduction that fails across workers
-        # (keras-team/keras#20585, tensorflow/tensorflow#72388); the build
-        # needs only shapes and dtypes, which one worker's batch has.
-        strategy = self.distribute_strategy
-        if iterator is None or not _several_workers(strategy):
-            return super()._maybe_symbolic_build(iterator, data_batch)
-        for _, _, batches in iterator:
-            data_batch = keras.tree.map_structure(
-                lambda v: strategy.experimental_local_results(v)[0],
-                next(batches),
-            )
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
 
     def evaluate(
         self,
@@ -178,65 +137,6 @@ class MarginTrainingMixin:
         logs = super().test_on_batch(x, y, sample_weight, return_dict=True)
         return logs if return_dict else _keras_results(self, logs)
 
-    def _update_metrics(
-        self,
-        x: Any,
-        y: Any,
-        y_pred: Any,
-        sample_weight: Any,
-        loss: tf.Tensor,
-        scope: label_scope,
-    ) -> dict[str, Any]:
-        # Keras losses divide by the number of replicas; report the true mean.
-        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-        batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss * replicas, sample_weight=batch_size)
-        heads = find_lsoftmax_layers(self)
-        if heads:
-            self.lsoftmax_lambda_tracker.update_state(heads[0].lambda_)
-        if scope.records:
-            theta, weights = _theta_degrees(scope.records)
-            self.lsoftmax_theta_tracker.update_state(theta, weights)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-
-def _several_workers(strategy: tf.distribute.Strategy) -> bool:
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return False
-    cluster = strategy.cluster_resolver.cluster_spec()
-    return bool(cluster.jobs) and cluster.num_tasks("worker") > 1
-
-
-def _reducible_logs(logs: dict, strategy: tf.distribute.Strategy) -> dict:
-    """`logs`, as one-element vectors when they are reduced across workers.
-
-    Keras 3.15 reduces a step's logs across workers with
-    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars.
-    """
-    if not _several_workers(strategy):
-        return logs
-    return {name: tf.reshape(value, [1]) for name, value in logs.items()}
-
-
-class _LatestValue(keras.metrics.Metric):
-    """A metric whose result is the last value it was given (λ)."""
-
-    def __init__(self, name: str, dtype: str = "float32"):
-        super().__init__(name=name, dtype=dtype)
-        self.value = self.add_variable(
-            shape=(), initializer="zeros", dtype=dtype, aggregation="mean",
-            name="value",
-        )
-
-    def update_state(self, value: Any) -> None:
-        self.value.assign(keras.ops.cast(value, self.dtype))
-
-    def result(self) -> tf.Tensor:
-        # keras.ops.convert_to_tensor returns a TF variable itself.
-        return tf.convert_to_tensor(self.value)
-
 
 def _keras_results(model: keras.Model, logs: dict[str, Any]) -> Any:
     """`logs` as `keras.Model.evaluate` returns them without `return_dict`.
@@ -249,54 +149,6 @@ def _keras_results(model: keras.Model, logs: dict[str, Any]) -> Any:
     names += sorted(k for k in logs if k not in names)
     results = [logs[k] for k in names if k not in _MARGIN_LOGS]
     return results[0] if len(results) == 1 else results
-
-
-def _theta_degrees(records: list) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-sample θ of every head, in degrees, and their weights."""
-    cos = tf.concat([r.cos_theta for r in records], axis=0)
-    weights = tf.concat(
-        [
-            tf.ones_like(r.cos_theta) if r.valid is None else r.valid
-            for r in records
-        ],
-        axis=0,
-    )
-    return tf.math.acos(cos) * (180.0 / math.pi), weights
-
-
-def _check_targets(y: Any) -> None:
-    if y is None:
-        raise ValueError(
-            "keras_lsoftmax models need the labels `y` in fit and evaluate: "
-            "the LSoftmaxDense margin is computed from them. Received: y=None"
-        )
-
-
-def _plain_predictions(y_pred: Any, scope: label_scope) -> Any:
-    """`y_pred` with the margin of every head that is a model output undone.
-
-    The margin changes one logit per row; putting the plain one back is an
-    O(B) update, not a second forward pass.
-    """
-    leaves = keras.tree.flatten(y_pred)
-    for record in scope.records:
-        position = next(
-            (i for i, leaf in enumerate(leaves) if leaf is record.outputs),
-            None,
-        )
-        if position is None:
-            warnings.warn(
-                f"The output of LSoftmaxDense '{record.layer.name}' is not "
-                "a model output, so the training metrics of the output it "
-                "feeds see the margin; evaluate() gives the plain-logit "
-                "metrics.",
-                stacklevel=3,
-            )
-            continue
-        leaves[position] = ops.with_plain_targets(
-            record.outputs, record.labels, record.plain_target
-        )
-    return keras.tree.pack_sequence_as(y_pred, leaves)
 
 
 @keras.saving.register_keras_serializable(package="keras_lsoftmax")

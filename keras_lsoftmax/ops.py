@@ -1,46 +1,58 @@
-"""The L-Softmax margin logit and its exact analytic gradient.
+"""The L-Softmax margin logit and its exact analytic gradient, on every backend.
 
-The forward pass is one matrix product plus O(B·D) work on the B labelled
-class weights; the backward pass is the two matrix products of a Dense layer
-plus O(B·D) work. See `lsoftmax_logits` for the math.
+This module is the one description of the math; each Keras backend
+implements it in `keras_lsoftmax/backend/<backend>/ops.py` and the functions
+here take and return that backend's tensors.
+
+Forward. For sample i with feature x (D,), label y and class weight
+w = kernel[y] (the kernel holds one row per class, (C, D)), every logit is
+`x @ kernelᵀ` except the target, which becomes
+
+    t = (λ·x·w + ‖x‖‖w‖·ψ(θ)) / (1 + λ),   cos θ = x·w / (‖x‖‖w‖),
+
+with ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]. ψ is computed
+from c = cos θ as P(c) = (−1)^k T_m(c) − 2k (T_m the Chebyshev polynomial,
+k the number of thresholds cos(jπ/m), j = 1..m−1, that c does not exceed),
+so no arccosine is taken. m = 1 gives the plain logits; λ → ∞ tends to them.
+
+Backward. With a = ‖x‖, b = ‖w‖, α = (λ + P'(c)) / (1 + λ) and
+δ = (P(c) − c·P'(c)) / (1 + λ), the target's derivatives are
+∂t/∂x = α·w + δ·b·x/a and ∂t/∂w = α·x + δ·a·w/b (finite for a = 0 or
+b = 0). With G = ∂L/∂logits and g_i = G[i, y_i], the layer's gradients are
+the two matrix products of a Dense layer plus O(B·D) work on the B labelled
+rows:
+
+    ∂L/∂X = G·W + diag((α − 1)·g)·W_y + diag(g·δ·b/a)·X
+    ∂L/∂W = Gᵀ·X + Σ_i e_{y_i}·((α − 1)·g_i·x_i + g_i·δ_i·(a_i/b_i)·w_{y_i})
+
+float16 and bfloat16 inputs are computed and returned in float32, float64
+inputs in float64.
+
+Reference:
+    Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional Neural
+    Networks", ICML 2016, https://arxiv.org/abs/1612.02295
 """
 
-import math
 from typing import Any
 
-import tensorflow as tf
+from keras_lsoftmax.backend import ops as _backend
+from keras_lsoftmax.backend.common import check_margin
+from keras_lsoftmax.backend.common import compute_dtype
 
-try:
-    from tensorflow.python.ops import control_flow_util as _control_flow_util
-except ImportError:
-    _control_flow_util = None
-try:
-    from tensorflow.python.framework import kernels as _kernels
-    from tensorflow.python.framework.config import (
-        is_op_determinism_enabled as _is_op_determinism_enabled,
-    )
-except ImportError:
-    _kernels = _is_op_determinism_enabled = None
-
-
-def check_margin(margin: Any) -> int:
-    """Returns `margin` if it is a positive Python integer, else raises."""
-    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 1:
-        raise ValueError(
-            "Received an invalid value for `margin`, expected a positive "
-            f"integer. Received: margin={margin!r}"
-        )
-    return margin
+__all__ = [
+    "check_labels",
+    "check_margin",
+    "compute_dtype",
+    "lsoftmax_logits",
+    "margin_logits",
+    "plain_logits",
+    "psi",
+    "with_plain_targets",
+]
 
 
-def psi(cos_theta: Any, margin: int) -> tuple[tf.Tensor, tf.Tensor]:
+def psi(cos_theta: Any, margin: int) -> tuple[Any, Any]:
     """The paper's margin function ψ and its derivative, as functions of cos θ.
-
-    ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]. It is computed as
-    P(c) = (−1)^k T_m(c) − 2k with c = cos θ, the Chebyshev polynomial T_m and
-    k the number of thresholds cos(jπ/m), j = 1..m−1, that c does not exceed,
-    so no arccosine is taken. P is continuous and decreasing in θ, with
-    P(1) = 1 and P(−1) = 1 − 2m.
 
     Args:
         cos_theta: float tensor of cosines, any shape; values outside
@@ -48,118 +60,30 @@ def psi(cos_theta: Any, margin: int) -> tuple[tf.Tensor, tf.Tensor]:
         margin: the integer margin m ≥ 1.
 
     Returns:
-        A pair `(P(c), P'(c))` with P'(c) = (−1)^k m U_{m−1}(c), U the
-        Chebyshev polynomial of the second kind; both have the shape and dtype
-        of `cos_theta`.
+        A pair `(P(c), P'(c))`, P(c) = (−1)^k T_m(c) − 2k and
+        P'(c) = (−1)^k m U_{m−1}(c), U the Chebyshev polynomial of the
+        second kind; both have the shape and dtype of `cos_theta`. P is
+        continuous and decreasing in θ, with P(1) = 1 and P(−1) = 1 − 2m.
     """
-    margin = check_margin(margin)
-    c = tf.clip_by_value(tf.convert_to_tensor(cos_theta), -1.0, 1.0)
-    # T and U share the recurrence v_{n+1} = 2c·v_n − v_{n−1}: run it once
-    # on both, from (T_0, U_{−1}) = (1, 0) and (T_1, U_0) = (c, 1).
-    two_c = 2.0 * c
-    previous = tf.stack([tf.ones_like(c), tf.zeros_like(c)])
-    current = tf.stack([c, tf.ones_like(c)])
-    for _ in range(margin - 1):
-        previous, current = current, two_c * current - previous
-    t, u = tf.unstack(current)
-    thresholds = [math.cos(j * math.pi / margin) for j in range(1, margin)]
-    below = c[..., None] <= tf.constant(thresholds, c.dtype)
-    k = tf.reduce_sum(tf.cast(below, c.dtype), axis=-1)
-    sign = 1.0 - 2.0 * tf.math.floormod(k, 2.0)
-    return sign * t - 2.0 * k, sign * float(margin) * u
+    return _backend.psi(cos_theta, check_margin(margin))
 
 
-def compute_dtype(*dtypes: tf.DType) -> tf.DType:
-    """The dtype the op computes in: float64 if any input is, else float32."""
-    # Half precision loses the margin (cos 4θ of a float16 cosine), so the
-    # math runs in float32 unless a caller asked for float64.
-    return tf.float64 if tf.float64 in dtypes else tf.float32
-
-
-def _check_lambda(lam: Any, dtype: tf.DType) -> tf.Tensor:
-    if isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        if not lam >= 0:
-            raise ValueError(
-                "Received an invalid value for `lam`, expected a float >= 0. "
-                f"Received: lam={lam!r}"
-            )
-        return tf.constant(lam, dtype)
-    lam = tf.cast(tf.convert_to_tensor(lam), dtype)
-    if lam.shape.rank != 0:
-        raise ValueError(
-            f"Expected `lam` to be a scalar. Received: lam with shape {lam.shape}"
-        )
-    # String-only data: a float tensor in it would wrap the assertion in a
-    # tf.cond, which costs more per step than the rest of the λ math.
-    check = tf.debugging.Assert(
-        lam >= 0, ["Expected `lam` >= 0 (the L-Softmax λ)."]
-    )
-    with tf.control_dependencies([check]):
-        return tf.identity(lam)
-
-
-def check_labels(
-    labels: Any, num_classes: int, inputs: Any = None
-) -> tf.Tensor:
+def check_labels(labels: Any, num_classes: int, inputs: Any = None) -> Any:
     """Validates sparse labels of shape (B,) and returns them as int32.
 
     The range check (and, given `inputs`, the check that there is one label
-    per row of `inputs`) runs in eager and graph mode. Under XLA
-    (`jit_compile=True`) assertions are compiled away, so labels outside
-    [0, num_classes) are not reported there (XLA clamps the gather).
+    per row of `inputs`) runs wherever the backend can check at run time:
+    TensorFlow in eager and graph mode, PyTorch in eager mode, JAX outside
+    `jit`. Under XLA (`jit_compile=True` on TensorFlow, `jit` on JAX) and
+    `torch.compile`, labels outside [0, num_classes) are not reported: the
+    gather clamps them.
     """
-    labels = tf.convert_to_tensor(labels)
-    if not labels.dtype.is_integer:
-        raise ValueError(
-            "Expected `labels` to hold integer class ids. Received: labels "
-            f"with dtype {labels.dtype.name}"
-        )
-    if labels.shape.rank != 1:
-        raise ValueError(
-            "Expected `labels` to have shape (batch_size,). Received: labels "
-            f"with shape {labels.shape}"
-        )
-    # One assertion with int32 and string data only: other dtypes in the
-    # data would wrap it in a tf.cond, a function call per step.
-    wide = tf.cast(labels, tf.int64)
-    checks = [
-        tf.debugging.Assert(
-            tf.reduce_all((wide >= 0) & (wide < num_classes)),
-            [
-                f"Expected `labels` in [0, {num_classes}). Received labels "
-                "from",
-                tf.cast(tf.reduce_min(wide), tf.int32),
-                "to",
-                tf.cast(tf.reduce_max(wide), tf.int32),
-            ],
-        )
-    ]
-    if inputs is not None:
-        inputs = tf.convert_to_tensor(inputs)
-        if not labels.shape.is_compatible_with(inputs.shape[:1]):
-            raise ValueError(
-                "Expected `labels` to hold one label per row of `inputs`. "
-                f"Received: labels with shape {labels.shape}, inputs with "
-                f"shape {inputs.shape}"
-            )
-        checks.append(
-            tf.debugging.assert_equal(
-                tf.shape(labels)[0],
-                tf.shape(inputs)[0],
-                message="Expected `labels` to hold one label per input row.",
-            )
-        )
-    with tf.control_dependencies(checks):
-        # identity: a same-dtype cast creates no op to hang the checks on.
-        return tf.identity(tf.cast(labels, tf.int32))
+    return _backend.check_labels(labels, num_classes, inputs)
 
 
-def plain_logits(inputs: Any, kernel: Any) -> tf.Tensor:
+def plain_logits(inputs: Any, kernel: Any) -> Any:
     """`inputs @ kernelᵀ` in the dtype `lsoftmax_logits` computes in."""
-    inputs = tf.convert_to_tensor(inputs)
-    kernel = tf.convert_to_tensor(kernel)
-    dtype = compute_dtype(inputs.dtype, kernel.dtype)
-    return _logits(tf.cast(inputs, dtype), tf.cast(kernel, dtype))
+    return _backend.plain_logits(inputs, kernel)
 
 
 def margin_logits(
@@ -169,69 +93,43 @@ def margin_logits(
     margin: int,
     lam: Any,
     valid: Any = None,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+) -> tuple[Any, Any, Any]:
     """`lsoftmax_logits` plus, per sample, the plain target logit and cos θ.
 
-    `valid`, an optional float mask (B,), scales each row's margin: rows
-    with 0 keep their plain logits and get the plain gradient.
+    Args:
+        inputs: float tensor (B, D).
+        kernel: float tensor (C, D).
+        labels: int32 class ids (B,) already checked by `check_labels`.
+        margin: Python int m ≥ 1.
+        lam: scalar ≥ 0 (float, tensor or variable).
+        valid: optional float mask (B,) scaling each row's margin: rows with
+            0 keep their plain logits and get the plain gradient.
 
-    `labels` must already be int32 class ids checked by `check_labels`. The
-    two extra outputs (shape (B,)) carry no gradient; the layer uses them for
-    metrics on plain logits and for logging θ.
+    Returns:
+        `(logits, plain_target, cos_theta)`: the margin logits (B, C), and
+        the plain logit of each labelled class and cos θ, both (B,) and
+        without gradient (the models use them for metrics on plain logits
+        and for logging θ).
     """
-    margin = check_margin(margin)
-    inputs = tf.convert_to_tensor(inputs)
-    kernel = tf.convert_to_tensor(kernel)
-    if inputs.shape.rank != 2 or kernel.shape.rank != 2:
-        raise ValueError(
-            "Expected `inputs` of shape (batch_size, input_dim) and `kernel` "
-            f"of shape (units, input_dim). Received: inputs with shape "
-            f"{inputs.shape}, kernel with shape {kernel.shape}"
-        )
-    if not inputs.shape[1:].is_compatible_with(kernel.shape[1:]):
-        raise ValueError(
-            "The last dimension of `inputs` must equal the last of `kernel`. "
-            f"Received: inputs with shape {inputs.shape}, kernel with shape "
-            f"{kernel.shape}"
-        )
-    dtype = compute_dtype(inputs.dtype, kernel.dtype)
-    inputs = tf.cast(inputs, dtype)
-    kernel = tf.cast(kernel, dtype)
-    lam = _check_lambda(lam, dtype)
-    if valid is not None:
-        valid = tf.cast(valid, dtype)
-    logits, target, cos = _margin_core(
-        inputs, kernel, labels, lam, margin, valid
+    return _backend.margin_logits(
+        inputs, kernel, labels, check_margin(margin), lam, valid
     )
-    return logits, tf.stop_gradient(target), tf.stop_gradient(cos)
 
 
 def lsoftmax_logits(
     inputs: Any, kernel: Any, labels: Any, margin: int, lam: Any
-) -> tf.Tensor:
+) -> Any:
     """The L-Softmax logits: plain logits with the labelled one given a margin.
 
-    For sample i with feature x, label y and class weight w = kernel[y],
-    every logit is `x @ kernelᵀ` except the target, which becomes
-
-        t = (λ·x·w + ‖x‖‖w‖·ψ(θ)) / (1 + λ),   cos θ = x·w / (‖x‖‖w‖),
-
-    with ψ from `psi`. m = 1 gives the plain logits; λ → ∞ tends to them.
-    The gradient is analytic (`tf.custom_gradient`): the two matrix products
-    of a Dense layer plus O(B·D) element-wise work, finite for zero feature
-    rows and zero class weights. float16 and bfloat16 inputs are computed and
-    returned in float32.
+    See the module docstring for the math. The gradient is analytic on every
+    backend (`tf.custom_gradient`, `jax.custom_vjp`, a
+    `torch.autograd.Function`): the two matrix products of a Dense layer
+    plus O(B·D) element-wise work, finite for zero feature rows and zero
+    class weights.
 
     The class weights are the rows of `kernel`, as in the authors' Caffe
     layer and `torch.nn.Linear`: a training step then reads and updates only
     the B contiguous rows of the labelled classes.
-
-    In a `tf.function` on a CPU-only machine, with more classes than samples
-    (at least 128 samples and 65 536 logits), the forward pass runs as one
-    nested XLA computation (`jit_compile=True`, compiled once per input
-    shape) even when the function itself is not compiled: TensorFlow's own
-    kernels need a (B, C) transpose there. The backward pass uses
-    TensorFlow's kernels.
 
     Args:
         inputs: float tensor (B, D), the features.
@@ -241,284 +139,41 @@ def lsoftmax_logits(
         lam: scalar ≥ 0 (float, tensor or variable), the paper's λ.
 
     Returns:
-        Tensor (B, C) of logits, float32 (float64 if either input is).
+        Tensor (B, C) of logits, float32 (float64 if either input is), of
+        the backend in use.
 
     Example:
 
     ```python
-    x = tf.random.normal((8, 16))
-    w = tf.random.normal((10, 16))
-    y = tf.constant([0, 1, 2, 3, 4, 5, 6, 7])
-    logits = lsoftmax_logits(x, w, y, margin=4, lam=0.0)
+    x = keras.random.normal((8, 16), seed=1)
+    w = keras.random.normal((10, 16), seed=2)
+    y = keras.ops.arange(8)
+    logits = keras_lsoftmax.ops.lsoftmax_logits(x, w, y, margin=4, lam=0.0)
     ```
 
     Reference:
         Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional
         Neural Networks", ICML 2016, https://arxiv.org/abs/1612.02295
     """
-    kernel = tf.convert_to_tensor(kernel)
-    labels = check_labels(labels, kernel.shape[0], inputs)
+    check_margin(margin)
+    labels = check_labels(labels, _num_classes(kernel), inputs)
     return margin_logits(inputs, kernel, labels, margin, lam)[0]
 
 
-def _margin_core(
-    x: tf.Tensor,
-    w: tf.Tensor,
-    labels: tf.Tensor,
-    lam: tf.Tensor,
-    margin: int,
-    valid: tf.Tensor | None = None,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    full_pass = _full_pass(x, w)
-    compiled = margin > 1 and _compile_forward(x, w)
-
-    @tf.custom_gradient
-    def forward(x, w, labels, lam):
-        index = target_index(labels)
-        if margin == 1:
-            logits, target, cos, _ = _margin_forward(
-                x, w, labels, index, lam, None, 1, full_pass
-            )
-            return (logits, target, cos), _dense_grad(x, w)
-        if compiled:
-            fn = _compiled_forward(margin, full_pass, valid is not None)
-            extra = () if valid is None else (valid,)
-            out, target, cos, saved = fn(x, w, labels, index, lam, *extra)
-        else:
-            out, target, cos, saved = _margin_forward(
-                x, w, labels, index, lam, valid, margin, full_pass
-            )
-        a, b, alpha_minus_1, delta, *w_y = saved
-
-        def grad(upstream, *unused):
-            g = tf.gather_nd(upstream, index)
-            with tf.control_dependencies([g]):
-                g_adj = _add_at(upstream, index, alpha_minus_1 * g)
-            gd = g * delta
-            dx = tf.matmul(g_adj, w)
-            dx += tf.math.divide_no_nan(gd * b, a)[:, None] * x
-            dw = tf.matmul(g_adj, x, transpose_a=True)
-            # The radial term w_y·gδa/b of each labelled class weight.
-            radial = tf.math.divide_no_nan(gd * a, b)
-            if full_pass:
-                per_class = tf.math.unsorted_segment_sum(
-                    radial, labels, tf.shape(w)[0]
-                )
-                dw += per_class[:, None] * w
-            else:
-                dw = _add_at(dw, labels[:, None], radial[:, None] * w_y[0])
-            return dx, dw, None, None
-
-        return (out, target, cos), grad
-
-    return forward(x, w, labels, lam)
-
-
-def _margin_forward(
-    x: tf.Tensor,
-    w: tf.Tensor,
-    labels: tf.Tensor,
-    index: tf.Tensor,
-    lam: tf.Tensor,
-    valid: tf.Tensor | None,
-    margin: int,
-    full_pass: bool,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tuple[tf.Tensor, ...] | None]:
-    """The forward pass of `_margin_core`.
-
-    Returns the margin logits, the plain target logits, cos θ and what the
-    gradient needs: (a, b, α − 1, δ), plus the labelled class weights w_y
-    (B, D) unless `full_pass`; None for m = 1.
-    """
-    logits = _logits(x, w)
-    target = tf.gather_nd(logits, index)
-    if full_pass:
-        b = tf.gather(_row_norms(w), labels)
-    else:
-        w_y = tf.gather(w, labels)  # (B, D)
-        b = _row_norms(w_y)
-    a = _row_norms(x)
-    ab = a * b
-    cos = tf.clip_by_value(tf.math.divide_no_nan(target, ab), -1.0, 1.0)
-    if margin == 1:
-        return logits, target, cos, None
-    p, dp = psi(cos, margin)
-    inv = 1.0 / (1.0 + lam)
-    if valid is not None:
-        inv = inv * valid
-    # target + ab·(P − cos)/(1+λ) = (λ·xw + ab·P)/(1+λ), written so that
-    # λ → ∞ returns xw exactly.
-    with tf.control_dependencies([target]):
-        out = _add_at(logits, index, ab * (p - cos) * inv)
-    alpha_minus_1 = (dp - 1.0) * inv
-    delta = (p - cos * dp) * inv
-    saved = (a, b, alpha_minus_1, delta)
-    return out, target, cos, saved if full_pass else saved + (w_y,)
-
-
-def _compile_forward(x: tf.Tensor, w: tf.Tensor) -> bool:
-    """Whether `_margin_core` runs its forward pass as one XLA computation.
-
-    Only in a graph that XLA does not compile already, on a CPU-only
-    machine, with more classes than samples and enough of both (see
-    `_COMPILE_MIN_ROWS`). There TensorFlow's Eigen matmul has no fast
-    orientation for x·wᵀ (see `_logits`): the (B, C) transpose takes some
-    3 ms of a 55 ms linear-probe step at B = 256, D = 512, C = 10 000 on two
-    cores, and the O(B·D) margin math adds some fifty small kernels. XLA
-    computes x·wᵀ as fast as the fast orientation and fuses the rest into a
-    few loops. The backward pass stays in TensorFlow (its products have a
-    fast orientation, and an unused ∂L/∂x is pruned), and so does the rest
-    of the step. XLA compiles the forward pass once per input shape, in a
-    fraction of a second.
-
-    Not under a `tf.distribute` strategy, with op determinism enabled or
-    with an accelerator visible (Keras does not compile those with XLA
-    either), and not in eager mode (a compilation per call shape).
-    """
-    rows, classes = _num_rows(x), _num_rows(w)
-    if rows >= classes or rows < _COMPILE_MIN_ROWS:
-        return False
-    if rows * classes < _COMPILE_MIN_LOGITS:
-        return False
-    if tf.executing_eagerly():
-        return False
-    if _in_xla_context() or tf.distribute.has_strategy():
-        return False
-    return _xla_cpu_only()
-
-
-# Measured on two cores (B = 16 to 512, C = 300 to 100 000, D = 512): from
-# 128 rows and 65 536 logits the compiled forward pass makes a training step
-# 0 to 7 % faster; with fewer rows it gains nothing and can lose up to 5 %.
-_COMPILE_MIN_ROWS = 128
-_COMPILE_MIN_LOGITS = 1 << 16
-
-_XLA_CPU_ONLY = None
-
-
-def _xla_cpu_only() -> bool:
-    # Private TensorFlow modules again: without them, keep to plain kernels.
-    global _XLA_CPU_ONLY
-    if _kernels is None or _is_op_determinism_enabled():
-        return False
-    if _XLA_CPU_ONLY is None:
-        launch = _kernels.get_registered_kernels_for_op("XlaLaunch")
-        _XLA_CPU_ONLY = any(
-            k.device_type == "CPU" for k in launch.kernel
-        ) and all(
-            d.device_type == "CPU" for d in tf.config.list_logical_devices()
-        )
-    return _XLA_CPU_ONLY
-
-
-_COMPILED_FORWARD: dict[tuple[int, bool, bool], Any] = {}
-
-
-def _compiled_forward(margin: int, full_pass: bool, with_valid: bool):
-    """`_margin_forward` as a `tf.function(jit_compile=True)`.
-
-    One per (margin, radial path, mask or not), kept for the process; each
-    traces and compiles once per input shape and dtype.
-    """
-    key = (margin, full_pass, with_valid)
-    if key not in _COMPILED_FORWARD:
-
-        def fn(x, w, labels, index, lam, valid=None):
-            return _margin_forward(
-                x, w, labels, index, lam, valid, margin, full_pass
-            )
-
-        _COMPILED_FORWARD[key] = tf.function(
-            fn, jit_compile=True, autograph=False, reduce_retracing=True
-        )
-    return _COMPILED_FORWARD[key]
-
-
-def _dense_grad(x: tf.Tensor, w: tf.Tensor):
-    def grad(upstream, *unused):
-        dx = tf.matmul(upstream, w)
-        return dx, tf.matmul(upstream, x, transpose_a=True), None, None
-
-    return grad
-
-
-def _full_pass(x: tf.Tensor, w: tf.Tensor) -> bool:
-    # With no more classes than samples, passes over the whole kernel cost
-    # less than gathering and scattering the B labelled rows.
-    return _num_rows(w) <= _num_rows(x)
-
-
-def _logits(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
-    """`x @ wᵀ`, with the matrix product in its faster orientation."""
-    if _in_xla_context() or _num_rows(x) >= _num_rows(w):
-        return tf.matmul(x, w, transpose_b=True)
-    # TensorFlow's Eigen matmul is slow when the operand it transposes is
-    # the larger one: with more classes than samples x·wᵀ runs up to 2.5
-    # times slower than (w·xᵀ)ᵀ, and transposing the (B, C) product costs
-    # far less than the difference. XLA picks its own layouts.
-    return tf.transpose(tf.matmul(w, x, transpose_b=True))
-
-
-def _row_norms(t: tf.Tensor) -> tf.Tensor:
-    if _in_xla_context():
-        return tf.norm(t, axis=1)
-    # One pass over `t` instead of two (square, then sum). XLA has no kernel
-    # for it, and fuses the two passes of `tf.norm` by itself.
-    return tf.math.reduce_euclidean_norm(t, axis=1)
-
-
-_TYPICAL_BATCH_SIZE = 256
-
-
-def _num_rows(t: tf.Tensor) -> int:
-    # A batch size unknown at trace time is taken to be a typical one.
-    return t.shape[0] if t.shape[0] is not None else _TYPICAL_BATCH_SIZE
-
-
-def _add_at(
-    tensor: tf.Tensor, indices: tf.Tensor, updates: tf.Tensor
-) -> tf.Tensor:
-    """`tensor` with `updates` added at `indices`, in place where possible.
-
-    The ops in this module only ever change B entries of a (B, C) tensor or
-    B rows of a (C, D) one, so a copy of the whole tensor would dominate
-    their cost. TensorFlow's `TensorScatterAdd` kernel always makes that copy
-    (it tries to reuse the buffer of its `updates` input, never that of
-    `tensor`). `ScatterNdNonAliasingAdd` reuses the buffer of `tensor` when
-    nothing else holds it, but has no XLA kernel; XLA updates a
-    `TensorScatterAdd` in place by itself.
-    """
-    if _in_xla_context():
-        return tf.tensor_scatter_nd_add(tensor, indices, updates)
-    return tf.raw_ops.ScatterNdNonAliasingAdd(
-        input=tensor, indices=indices, updates=updates
-    )
-
-
-def _in_xla_context() -> bool:
-    # Public TensorFlow cannot tell whether the current trace is compiled by
-    # XLA (`jit_compile=True`, TPU); the check `tf.function` itself relies on
-    # lives in this module. Without it, take the path that XLA accepts.
-    if _control_flow_util is None:
-        return True
-    graph = tf.compat.v1.get_default_graph()
-    return _control_flow_util.GraphOrParentsInXlaContext(graph)
-
-
-def target_index(labels: tf.Tensor) -> tf.Tensor:
-    """Indices (B, 2) of the entries [i, labels[i]] of a (B, C) matrix."""
-    rows = tf.range(tf.shape(labels)[0], dtype=labels.dtype)
-    return tf.stack([rows, labels], axis=1)
-
-
-def with_plain_targets(
-    logits: tf.Tensor, labels: tf.Tensor, plain_target: tf.Tensor
-) -> tf.Tensor:
+def with_plain_targets(logits: Any, labels: Any, plain_target: Any) -> Any:
     """`logits` (B, C) with each entry [i, labels[i]] set to `plain_target[i]`.
 
-    Undoes the margin of `margin_logits` for metrics, in place where nothing
-    else holds `logits` any more, so it costs O(B) instead of a (B, C) copy.
+    Undoes the margin of `margin_logits` for metrics with an O(B) update
+    (in place where the backend allows it), not a second forward pass.
     """
-    index = target_index(labels)
-    target = tf.gather_nd(logits, index)
-    return _add_at(logits, index, tf.cast(plain_target, logits.dtype) - target)
+    return _backend.with_plain_targets(logits, labels, plain_target)
+
+
+def _num_classes(kernel: Any) -> Any:
+    shape = getattr(kernel, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(
+            "Expected `kernel` of shape (units, input_dim). Received: kernel "
+            f"with shape {shape}"
+        )
+    return shape[0]

@@ -325,17 +325,26 @@ def test_finds_nested_layers():
     model = _nested_model()
     names = [layer.name for layer in find_lsoftmax_layers(model)]
     assert sorted(names) == ["held", "inner_head", "outer_head"]
-    callback = _start(LambdaScheduler(schedules.Constant(7.0)), model)
-    callback.on_train_batch_begin(0)
+    schedule = schedules.Constant(7.0)
+    _start(LambdaScheduler(schedule), model)
     heads = find_lsoftmax_layers(model)
+    assert [layer.lambda_schedule for layer in heads] == [schedule] * 3
+    _train_heads(model)
     assert [_lam(layer) for layer in heads] == [7.0] * 3
+
+
+def _train_heads(model):
+    """One forward pass in training mode, as a train step makes it."""
+    x = np.zeros((2, D), "float32")
+    with keras_lsoftmax.label_scope(np.zeros((2,), "int32")):
+        model(x, training=True)
 
 
 def test_step_mode_uses_iterations_plus_one():
     model = _nested_model()
     model.optimizer.iterations.assign(41)
     callback = _start(LambdaScheduler(FAST), model)
-    callback.on_train_batch_begin(0)
+    _train_heads(model)
     head = model.get_layer("outer_head")
     assert _lam(head) == _f32(FAST(42))
     logs = {}
@@ -432,5 +441,4 @@ def test_set_model_forgets_the_previous_model():
     callback = _start(LambdaScheduler(schedules.Constant(2.0)), _nested_model())
     other = _model()
     _start(callback, other)
-    callback.on_train_batch_begin(0)
-    assert _lam(other.get_layer("head")) == 2.0
+    assert other.get_layer("head").lambda_schedule is callback.schedule

@@ -10,7 +10,10 @@ Every check compares numbers with a single-device run of the same training:
   (`examples/multi_worker.py`): the same weights and loss as a single-worker
   run, and the chief's `.keras` file predicts what the chief computed;
 - `keras.callbacks.BackupAndRestore`: a run interrupted mid-epoch and resumed
-  ends where an uninterrupted run ends.
+  ends where an uninterrupted run ends;
+- on JAX, `keras.distribution.DataParallel` over two CPU devices (in a
+  subprocess, see `tests/data_parallel_worker.py`): the same weights as one
+  device.
 
 The subprocess tests print their figures: run `pytest -s` to see them.
 """
@@ -53,6 +56,31 @@ def _max_abs_diff(a, b):
     )
 
 
+# ------------------------------------------------------- JAX DataParallel
+
+
+@pytest.mark.jax
+def test_jax_data_parallel_matches_one_device():
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.data_parallel_worker"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        env=_env(
+            KERAS_BACKEND="jax",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        ),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(report)
+    assert report["devices"] == 2
+    assert report["max_weight_diff"] <= 1e-5
+    for name, value in report["single"].items():
+        assert report["data_parallel"][name] == pytest.approx(value, abs=1e-5)
+
+
 # ------------------------------------------------------- MirroredStrategy
 
 
@@ -74,6 +102,7 @@ def mirrored(tmp_path_factory):
     return result
 
 
+@pytest.mark.tensorflow
 def test_mirrored_two_cpus_matches_one_device(mirrored):
     r = mirrored
     one, two = r["single"], r["mirrored"]
@@ -123,6 +152,7 @@ def test_mirrored_two_cpus_matches_one_device(mirrored):
     assert two["history_lambda"] == one["history_lambda"] == [expected]
 
 
+@pytest.mark.tensorflow
 def test_mirrored_history_with_an_uneven_last_batch(mirrored):
     # 61 samples, global batch 16, 2 replicas: the last batch splits 7 / 6.
     # History must be the epoch's metrics (get_metrics_result), as for
@@ -243,6 +273,7 @@ def multi_worker(tmp_path_factory):
     return {"summaries": summaries, "out": out, "ports": ports, "seconds": seconds}
 
 
+@pytest.mark.tensorflow
 def test_multi_worker_matches_single_worker(multi_worker):
     chief, other, single = multi_worker["summaries"]
     names = list(chief["weights"])
@@ -283,6 +314,7 @@ def test_multi_worker_matches_single_worker(multi_worker):
     assert chief["lambda"] == other["lambda"] == single["lambda"] == expected
 
 
+@pytest.mark.tensorflow
 def test_multi_worker_chief_save_loads_and_predicts(multi_worker):
     chief = multi_worker["summaries"][0]
     out = multi_worker["out"]
@@ -321,6 +353,7 @@ def test_multi_worker_chief_save_loads_and_predicts(multi_worker):
     assert float(model.get_layer("lsoftmax").lambda_.numpy()) == chief["lambda"]
 
 
+@pytest.mark.tensorflow
 def test_multi_worker_example_writes_tf_config(monkeypatch):
     example = _load_example()
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -384,13 +417,13 @@ class _Interrupt(keras.callbacks.Callback):
 
 
 class _LambdaLog(keras.callbacks.Callback):
-    """Records λ as each batch uses it (after LambdaScheduler set it)."""
+    """Records λ as each batch used it (the step computes it)."""
 
     def __init__(self):
         super().__init__()
         self.values = []
 
-    def on_train_batch_begin(self, batch, logs=None):
+    def on_train_batch_end(self, batch, logs=None):
         self.values.append(float(self.model.get_layer("head").lambda_.numpy()))
 
 

@@ -171,3 +171,44 @@ def test_loading_without_the_import_names_the_package(tmp_path):
     assert "Could not locate class 'Sequential'" in proc.stdout
     assert "keras_lsoftmax.models" in proc.stdout
     assert "keras_lsoftmax>Sequential" in proc.stdout
+
+
+def _installed_backends():
+    import importlib.util
+
+    return [
+        name
+        for name, module in (
+            ("tensorflow", "tensorflow"),
+            ("jax", "jax"),
+            ("torch", "torch"),
+        )
+        if importlib.util.find_spec(module) is not None
+    ]
+
+
+def _worker(mode, folder, backend):
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    subprocess.run(
+        [sys.executable, "-m", "tests.cross_backend_worker", mode, str(folder)],
+        check=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        timeout=300,
+    )
+
+
+@pytest.mark.tensorflow  # it runs every installed backend in subprocesses
+def test_keras_file_moves_between_backends(tmp_path):
+    backends = _installed_backends()
+    if len(backends) < 2:
+        pytest.skip(f"only {backends} installed")
+    for backend in backends:
+        _worker("save", tmp_path, backend)
+    for backend in backends:
+        _worker("load", tmp_path, backend)
+    for saved in backends:
+        expected = np.load(tmp_path / f"{saved}.npy")
+        for loaded in backends:
+            actual = np.load(tmp_path / f"{saved}-on-{loaded}.npy")
+            np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)

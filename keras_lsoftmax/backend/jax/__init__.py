@@ -1,0 +1,1 @@
+"""The JAX implementation of the L-Softmax op (`jax.custom_vjp`)."""

@@ -1,0 +1,1 @@
+"""The TensorFlow implementation: `tf.custom_gradient` op, GradientTape step."""

@@ -1,0 +1,10 @@
+"""Tracing a model call for its structure only, on TensorFlow."""
+
+from typing import Any
+
+import tensorflow as tf
+
+
+def trace_only(fn: Any, x: Any) -> None:
+    """Traces `fn(x)` in a scratch graph without running it."""
+    tf.function(fn, autograph=False).get_concrete_function(x)

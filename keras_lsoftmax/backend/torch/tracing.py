@@ -1,0 +1,12 @@
+"""Running a model call for its structure only, on PyTorch."""
+
+from typing import Any
+
+import keras
+import torch
+
+
+def trace_only(fn: Any, x: Any) -> None:
+    """Runs `fn(x)` once without gradients or state changes."""
+    with torch.no_grad(), keras.StatelessScope():
+        fn(x)
