@@ -10,11 +10,11 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_lsoftmax
 from keras_lsoftmax import LSoftmaxDense
 from keras_lsoftmax import ops
+from tests.backend_utils import gradients
 from tests.datasets import MNIST_PATH as MNIST
 from tests.datasets import random_classification
 
@@ -87,8 +87,12 @@ def _sparse_ce():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def _numpy(tensor):
+    return keras.ops.convert_to_numpy(tensor)
+
+
 def _weights(model):
-    weights = [v.numpy() for v in model.trainable_variables]
+    weights = [_numpy(v) for v in model.trainable_variables]
     assert [w.shape for w in weights] == [(D, H), (H,), (C, H)]
     return weights
 
@@ -101,21 +105,20 @@ def _features(weights, x):
 def _hand_step(weights, x, y, lr, margin, lam, sample_weight=None):
     """One SGD step on the mean (sample-weighted) cross-entropy of the
     L-Softmax logits; returns the new weights and the loss before it."""
-    variables = [tf.Variable(w) for w in weights]
-    w1, b1, kernel = variables
-    with tf.GradientTape() as tape:
-        features = tf.nn.relu(tf.matmul(x, w1) + b1)
+
+    def loss_fn(w1, b1, kernel):
+        features = keras.ops.relu(keras.ops.matmul(x, w1) + b1)
         logits = ops.lsoftmax_logits(features, kernel, y, margin, lam)
-        per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=y, logits=logits
+        per_sample = keras.ops.sparse_categorical_crossentropy(
+            y, logits, from_logits=True
         )
         if sample_weight is not None:
-            per_sample = per_sample * sample_weight
+            per_sample = keras.ops.multiply(per_sample, sample_weight)
         # Keras' "sum_over_batch_size": divide by the batch size.
-        loss = tf.reduce_sum(per_sample) / len(y)
-    grads = tape.gradient(loss, variables)
-    new = [v.numpy() - lr * g.numpy() for v, g in zip(variables, grads)]
-    return new, float(loss)
+        return keras.ops.sum(per_sample) / len(y)
+
+    loss, grads = gradients(loss_fn, *weights)
+    return [w - lr * g for w, g in zip(weights, grads)], float(loss)
 
 
 def _assert_weights_close(actual, expected, atol):
@@ -163,21 +166,24 @@ def _train_in_mode(**compile_kwargs):
 
 
 @pytest.fixture(scope="module")
-def default_mode_run():
-    return _train_in_mode()  # tf.function, no XLA on CPU
+def eager_run():
+    return _train_in_mode(run_eagerly=True)
 
 
+# jit_compile=False is tf.function on TensorFlow, plain Python on JAX and
+# PyTorch; jit_compile=True is XLA on TensorFlow, jax.jit (the default) on
+# JAX and torch.compile on PyTorch.
 @pytest.mark.parametrize(
     "mode",
     [
-        {"run_eagerly": True},
+        {"jit_compile": False},
         {"jit_compile": True},
         {"steps_per_execution": 3},
     ],
-    ids=lambda mode: next(iter(mode)),
+    ids=lambda mode: f"{next(iter(mode))}={next(iter(mode.values()))}",
 )
-def test_execution_modes_agree(mode, default_mode_run):
-    initial, reference, reference_logs = default_mode_run
+def test_execution_modes_agree(mode, eager_run):
+    initial, reference, reference_logs = eager_run
     same_initial, weights, logs = _train_in_mode(**mode)
     _assert_weights_close(same_initial, initial, atol=0)
     _assert_weights_close(weights, reference, atol=1e-5)
@@ -281,9 +287,9 @@ def test_subclassing_works_after_functional_use():
 
 
 def _cross_entropy(logits, y):
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=y, logits=logits
-    ).numpy()
+    return _numpy(
+        keras.ops.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    )
 
 
 def _mean_theta_degrees(features, kernel, y):
@@ -330,10 +336,10 @@ def test_fit_reports_plain_logit_metrics_and_margin_loss(mnist):
     results = model.evaluate(x, y, batch_size=100, verbose=0, return_dict=True)
 
     hidden, head = model.layers
-    features = hidden(x).numpy()
-    kernel = head.kernel.numpy()
+    features = _numpy(hidden(x))
+    kernel = _numpy(head.kernel)
     plain = features @ kernel.T
-    margin = ops.lsoftmax_logits(features, kernel, y, 4, 0.0).numpy()
+    margin = _numpy(ops.lsoftmax_logits(features, kernel, y, 4, 0.0))
     plain_accuracy = np.mean(np.argmax(plain, axis=1) == y)
     margin_accuracy = np.mean(np.argmax(margin, axis=1) == y)
     assert plain_accuracy > 0.5
@@ -371,7 +377,7 @@ def test_logs_and_metrics_with_a_frozen_model(kind):
 
     # Accuracy on the plain logits, in fit as in evaluate.
     plain = features @ weights[2].T
-    margin = ops.lsoftmax_logits(features, weights[2], y, MARGIN, 3.5).numpy()
+    margin = _numpy(ops.lsoftmax_logits(features, weights[2], y, MARGIN, 3.5))
     plain_accuracy = np.mean(np.argmax(plain, axis=1) == y)
     assert np.mean(np.argmax(margin, axis=1) == y) != plain_accuracy
     assert logs["accuracy"][0] == results["accuracy"]
@@ -426,14 +432,14 @@ def test_mixed_float16(mixed_float16):
     assert hidden.compute_dtype == "float16"
     model.compile(keras.optimizers.SGD(0.1), _sparse_ce(), metrics=["accuracy"])
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    before = head.kernel.numpy()
+    before = _numpy(head.kernel)
     logs = model.fit(x, y, batch_size=16, epochs=2, verbose=0).history
     assert np.all(np.isfinite(logs["loss"]))
     assert np.all(np.isfinite(logs["lsoftmax_theta"]))
-    assert int(model.optimizer.iterations) == 6
+    assert int(_numpy(model.optimizer.iterations)) == 6
     assert head.kernel.dtype == "float32"
-    assert np.max(np.abs(head.kernel.numpy() - before)) > 1e-4
-    assert model(x).dtype == "float32"
+    assert np.max(np.abs(_numpy(head.kernel) - before)) > 1e-4
+    assert keras.backend.standardize_dtype(model(x).dtype) == "float32"
     assert model.predict(x, verbose=0).dtype == np.float32
 
 
