@@ -63,15 +63,19 @@ class LSoftmaxDense(keras.layers.Layer):
     norm.
 
     The layer has no bias, as in the paper. λ (`lambda_`) is a float32,
-    non-trainable variable: anneal it with `keras_lsoftmax.LambdaScheduler`,
-    or assign it with `set_lambda`; neither retraces. The math always runs in
+    non-trainable variable: anneal it with `keras_lsoftmax.LambdaScheduler`
+    (which attaches a schedule that the train step evaluates), or assign it
+    with `set_lambda`; changing λ never retraces. The math always runs in
     float32 (float64 for float64 inputs), and the logits come out in that
     dtype, also under a mixed-precision policy.
 
-    Labels outside [0, units) raise an `InvalidArgumentError` in eager and
-    graph mode. Under XLA (`jit_compile=True`, the Keras default on GPU)
-    assertions are compiled away and such labels are not reported: check
-    them in the input pipeline.
+    Labels outside [0, units) raise an error wherever the backend checks at
+    run time: TensorFlow in eager and graph mode (`InvalidArgumentError`),
+    PyTorch in eager mode and JAX outside `jit` (`ValueError`). Compiled
+    steps do not report them (TensorFlow under XLA, `jit_compile=True`, the
+    Keras default on GPU; JAX under `jit`, the Keras default on JAX, where
+    the gather clamps them; `torch.compile`): check them in the input
+    pipeline, or debug with `run_eagerly=True`.
 
     Labels reach the layer either as the `labels` call argument or, inside
     `keras_lsoftmax.Sequential` / `keras_lsoftmax.Model` training, from the
@@ -197,6 +201,9 @@ class LSoftmaxDense(keras.layers.Layer):
 
     def set_lambda(self, value: Any) -> None:
         """Assigns λ after checking that it is a finite float ≥ 0.
+
+        Detaches a schedule attached by `LambdaScheduler`, so λ stays at
+        `value` in the next training steps.
 
         Args:
             value: a Python or NumPy number, or an array or eager tensor
