@@ -26,10 +26,11 @@ def gradients(fn, *args):
         with tf.GradientTape() as tape:
             tape.watch([t for t, f in zip(tensors, floats) if f])
             value = fn(*tensors)
-        grads = tape.gradient(
-            value, [t if f else None for t, f in zip(tensors, floats)]
+        diffed = iter(
+            tape.gradient(value, [t for t, f in zip(tensors, floats) if f])
         )
-        return value.numpy(), [_numpy(g) for g in grads]
+        grads = [_numpy(next(diffed)) if f else None for f in floats]
+        return value.numpy(), grads
     if BACKEND == "jax":
         import jax
 
