@@ -6,18 +6,34 @@ Usage (from the repository root):
     python benchmarks/bench_head.py --classes 10 1000 10000 --repeats 10
     python benchmarks/bench_head.py --device /GPU:0 --out bench_head_gpu.json
     python benchmarks/bench_head.py --features trained frozen --classes 10000
+    python benchmarks/bench_head.py --backend jax --out bench_head_jax.json
+    python benchmarks/bench_head.py --backend torch --out bench_head_torch.json
 
-Variants (`--variants`, default all three):
+Backend (`--backend tensorflow|jax|torch`, default: `KERAS_BACKEND`, else
+tensorflow): read from the command line before Keras is imported. The step
+below is written for each backend in `benchmarks/backend_steps.py`; this
+script's timing and reporting are the same for all. What "jit" means:
+
+- TensorFlow: `tf.function(jit_compile=True)` (XLA) on, `tf.function`
+  off;
+- JAX: one `jax.jit` of the whole step (state donated) on, no outer `jit`
+  off (op by op; the op's own passes are compiled functions of their own);
+- PyTorch: `torch.compile` of the step on, eager off. If `torch.compile`
+  fails, its rows have no times and say why (`unavailable`).
+
+Variants (`--variants`, default all three on TensorFlow, `dense` and
+`lsoftmax` on JAX and PyTorch):
 
 - `dense`: `keras.layers.Dense(C, use_bias=False)`, the baseline;
 - `lsoftmax`: `keras_lsoftmax.LSoftmaxDense(C, margin=m)` called with
   `labels=y, training=True` (the package's analytic-gradient op);
 - `autodiff`: `benchmarks.autodiff_reference.AutodiffLSoftmaxDense`, the same
   margin math in plain TF ops differentiated by autodiff (a reference row,
-  not shipped in the package).
+  not shipped in the package). TensorFlow only.
 
-Every variant runs the same hand-written step, as `tf.function` and as
-`tf.function(jit_compile=True)` (XLA) unless `--no-jit` / `--jit-only`:
+Every variant runs the same hand-written step, compiled and not unless
+`--no-jit` / `--jit-only` (on TensorFlow, below; the other backends'
+versions in `benchmarks/backend_steps.py`):
 
     with tf.GradientTape() as tape:
         logits = head(x, y)
@@ -29,7 +45,10 @@ Every variant runs the same hand-written step, as `tf.function` and as
 the step also computes the gradient with respect to the features, as a real
 network backpropagating into its backbone would; the labels are random
 integers. The optimizer is SGD with momentum 0.9 (learning rate 1e-3) for
-every variant; λ is a float32 variable (`--lam`, default 0).
+every variant; λ is a float32 variable (`--lam`, default 0). The
+cross-entropy is the backend's own sparse one (TensorFlow's above,
+`torch.nn.functional.cross_entropy`, log-sum-exp minus the gathered target
+on JAX), which makes no one-hot (B, C) tensor.
 
 Features (`--features`, default `trained`; give both to compare them):
 
@@ -55,35 +74,40 @@ compile mode and feature setting.
 
 Peak memory is the extra memory one step needs beyond what is allocated
 before it (variables, optimizer slots and inputs excluded), once each step is
-compiled and warm; the largest of `--memory-probes` probed steps is reported.
-Two methods (`--memory`):
+compiled and warm (after `--warmup` calls); the largest of `--memory-probes`
+probed steps is reported. Two methods (`--memory`):
 
-- `allocator` (the default where available, i.e. on GPU): TensorFlow's
-  allocator statistics in this process, `get_memory_info(device)["peak"]`
-  after `reset_memory_stats(device)` minus `["current"]` just before the
-  step. Counts what ops and XLA executables take from the device allocator
-  (BFC on GPU, so sizes are rounded to its chunks).
-- `rss` (the default on CPU): TensorFlow's default CPU allocator keeps no
-  statistics (`get_memory_info('CPU:0')` raises "Allocator stats not
-  available" in TF 2.21), so one child process runs the probe of the whole
-  grid and reads the kernel's resident-set high-water mark: VmHWM (from
-  /proc/self/status, reset by writing 5 to /proc/self/clear_refs) after the
-  step minus VmRSS before it. The child sets `MALLOC_MMAP_THRESHOLD_=65536`
-  and `MALLOC_TRIM_THRESHOLD_=0`, so glibc maps every large buffer freshly
-  and returns it at once and the resident set follows the live bytes; it
-  counts everything the process touches (oneDNN scratch included), to the
-  4 KiB page. Linux only. The timing process keeps the default malloc.
-  (Making the CPU allocator a BFC allocator with
-  `TF_CPU_ALLOCATOR_USE_BFC=true` also enables `get_memory_info('CPU:0')`,
-  but that allocator grows in power-of-two regions and does not split a free
-  chunk smaller than twice the request, so its peaks come out as 64 or
-  128 MiB depending on allocation history; hence not used.)
+- `allocator` (TensorFlow only; the default where available, i.e. on GPU):
+  TensorFlow's allocator statistics in this process,
+  `get_memory_info(device)["peak"]` after `reset_memory_stats(device)` minus
+  `["current"]` just before the step. Counts what ops and XLA executables
+  take from the device allocator (BFC on GPU, so sizes are rounded to its
+  chunks).
+- `rss` (the default on CPU; on JAX and PyTorch the default where the step
+  runs on the CPU, else there is no probe): TensorFlow's default CPU
+  allocator keeps no statistics (`get_memory_info('CPU:0')` raises
+  "Allocator stats not available" in TF 2.21), so one child process runs
+  the probe of the whole grid and reads the kernel's resident-set
+  high-water mark: VmHWM (from /proc/self/status, reset by writing 5 to
+  /proc/self/clear_refs) after the step minus VmRSS before it. The child
+  sets `MALLOC_MMAP_THRESHOLD_=65536` and `MALLOC_TRIM_THRESHOLD_=0`, so
+  glibc maps every large buffer freshly and returns it at once and the
+  resident set follows the live bytes; it counts everything the process
+  touches (oneDNN scratch included), to the 4 KiB page. JAX's CPU buffers
+  and PyTorch's CPU tensors come from malloc too. Linux only. The timing
+  process keeps the default malloc. (Making the CPU allocator a BFC
+  allocator with `TF_CPU_ALLOCATOR_USE_BFC=true` also enables
+  `get_memory_info('CPU:0')`, but that allocator grows in power-of-two
+  regions and does not split a free chunk smaller than twice the request,
+  so its peaks come out as 64 or 128 MiB depending on allocation history;
+  hence not used.)
 - `none` skips the probe.
 
 Output: a Markdown table on stdout (one per feature setting, each under a
 heading line, when `--features` names both) and, with `--out`, a JSON file
-with the configuration, one row per (C, jit, features, variant) with all
-samples, and the table(s). Nothing here asserts a time.
+with the configuration, one row per (C, jit, features, variant) with the
+backend, all samples and `ratio_to_dense`, and the table(s). Nothing here
+asserts a time.
 
 A step through `model.fit` / `train_on_batch` instead of this hand-written
 one is timed by the sibling `benchmarks/bench_fit.py`.
@@ -107,18 +131,34 @@ try:
 except ImportError:  # run as `python benchmarks/bench_head.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.autodiff_reference import AutodiffLSoftmaxDense  # noqa: E402
+from benchmarks.backend_choice import select_backend  # noqa: E402
+
+if __name__ == "__main__":
+    select_backend()  # before the imports below load Keras
+
+from benchmarks import backend_steps  # noqa: E402
+from benchmarks.backend_steps import StepUnavailable  # noqa: E402
+from benchmarks.backend_steps import Variant  # noqa: E402
 from benchmarks.common import add_timing_arguments  # noqa: E402
+from benchmarks.common import check_backend  # noqa: E402
+from benchmarks.common import device_scope  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
+from benchmarks.common import ratio  # noqa: E402
 from benchmarks.common import report  # noqa: E402
+from benchmarks.common import sample_stats  # noqa: E402
 
-import keras
-import tensorflow as tf
-
-import keras_lsoftmax
-
-VARIANTS = ("dense", "lsoftmax", "autodiff")
+ALL_VARIANTS = ("dense", "lsoftmax", "autodiff")
+JIT_MEANING = {
+    "tensorflow": "tf.function(jit_compile=True) vs tf.function",
+    "jax": "jax.jit of the whole step (state donated) vs no outer jit",
+    "torch": "torch.compile of the step vs eager",
+}
+LOSS = {
+    "tensorflow": "mean sparse_softmax_cross_entropy_with_logits",
+    "jax": "mean of logsumexp(logits) - logits[i, y_i]",
+    "torch": "torch.nn.functional.cross_entropy (mean)",
+}
 FEATURES = ("trained", "frozen")
 DEFAULT_CLASSES = (10, 1000, 10000, 100000)
 MIB = 1024.0 * 1024.0
@@ -140,23 +180,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "compiles)",
     )
     parser.add_argument(
-        "--device", default="/CPU:0", help="TF device, e.g. /CPU:0, /GPU:0"
+        "--device",
+        help="device of the step: on TensorFlow e.g. /CPU:0 (the default), "
+        "/GPU:0; on JAX and PyTorch a keras.device name, e.g. cpu:0, gpu:0 "
+        "(default: Keras's placement)",
     )
     jit = parser.add_mutually_exclusive_group()
     jit.add_argument(
-        "--no-jit", action="store_true", help="only tf.function without XLA"
+        "--no-jit", action="store_true",
+        help="only the uncompiled step: tf.function without XLA, JAX "
+        "without jax.jit, eager PyTorch",
     )
     jit.add_argument(
         "--jit-only", action="store_true",
-        help="only tf.function(jit_compile=True)",
+        help="only the compiled step: tf.function(jit_compile=True), "
+        "jax.jit, torch.compile",
     )
     parser.add_argument("--margin", type=int, default=4, help="margin m")
     parser.add_argument(
         "--lam", type=float, default=0.0, help="λ, held in a variable"
     )
     parser.add_argument(
-        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-        help="heads to time; `dense` is needed for the ratios",
+        "--variants", nargs="+", choices=ALL_VARIANTS,
+        help="heads to time; `dense` is needed for the ratios; `autodiff` "
+        "is TensorFlow only (default: all the backend has)",
     )
     parser.add_argument(
         "--features", nargs="+", choices=FEATURES, default=["trained"],
@@ -169,9 +216,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory", choices=("auto", "allocator", "rss", "none"),
         default="auto",
         help="peak-memory probe: allocator = TF allocator statistics in this "
-        "process (GPU); rss = resident-set high-water mark in a child process "
-        "(CPU, Linux); auto (default) = allocator where the device has "
-        "statistics, else rss",
+        "process (TensorFlow on GPU); rss = resident-set high-water mark in a "
+        "child process (CPU, Linux); auto (default) = allocator where the "
+        "device has statistics, else rss where the step runs on the CPU, "
+        "else none",
     )
     parser.add_argument(
         "--memory-probes", type=int, default=3,
@@ -182,11 +230,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Internal: run only the memory probe and write its results here.
     parser.add_argument("--memory-probe-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_backend(parser, args.backend)
     for name in ("batch", "dim", "repeats", "margin"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first call compiles)")
+    if args.backend == "torch" and args.warmup < 2 and not args.no_jit:
+        parser.error(
+            "--warmup must be >= 2 on torch: torch.compile compiles the "
+            "step again on its second call"
+        )
     if args.memory_probes < 1:
         parser.error("--memory-probes must be >= 1")
     if args.inner < 0:
@@ -195,7 +249,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--classes must be >= 1")
     if args.lam < 0:
         parser.error("--lam must be >= 0")
-    args.variants = list(dict.fromkeys(args.variants))
+    backend_variants = backend_steps.VARIANTS[args.backend]
+    args.variants = list(dict.fromkeys(args.variants or backend_variants))
+    for name in args.variants:
+        if name not in backend_variants:
+            parser.error(
+                f"--variants {name} is not available on the {args.backend} "
+                f"backend (choose from {', '.join(backend_variants)})"
+            )
+    if args.device is None and args.backend == "tensorflow":
+        args.device = "/CPU:0"
     args.features = [f for f in FEATURES if f in args.features]
     return args
 
@@ -206,93 +269,6 @@ def jit_modes(args: argparse.Namespace) -> list[bool]:
     if args.jit_only:
         return [True]
     return [True, False]
-
-
-def memory_device(device: str) -> str:
-    """'/GPU:0' or '/job:localhost/device:GPU:0' -> 'GPU:0'."""
-    name = device.rsplit("/", 1)[-1]
-    if name.lower().startswith("device:"):
-        name = name[len("device:"):]
-    kind, _, index = name.partition(":")
-    return f"{kind.upper()}:{index or 0}"
-
-
-def allocator_stats_available(device: str) -> bool:
-    try:
-        tf.config.experimental.get_memory_info(memory_device(device))
-    except (ValueError, RuntimeError):
-        return False
-    return True
-
-
-class Variant:
-    """One head with its own feature variable, optimizer and step functions."""
-
-    def __init__(
-        self, name: str, args: argparse.Namespace, num_classes: int,
-        x0: np.ndarray, y: tf.Tensor, kernel0: np.ndarray,
-        features: str = "trained",
-    ):
-        self.name = name
-        self.features = features
-        if name == "dense":
-            self.head = keras.layers.Dense(
-                num_classes, use_bias=False, name="dense"
-            )
-        elif name == "lsoftmax":
-            self.head = keras_lsoftmax.LSoftmaxDense(
-                num_classes, margin=args.margin, initial_lambda=args.lam,
-                name="lsoftmax",
-            )
-        elif name == "autodiff":
-            self.head = AutodiffLSoftmaxDense(
-                num_classes, margin=args.margin, initial_lambda=args.lam,
-                name="autodiff",
-            )
-        else:
-            raise ValueError(f"unknown variant {name!r}")
-
-        def call(x, y):
-            if name == "dense":
-                return self.head(x)
-            return self.head(x, labels=y, training=True)
-
-        self.head.build((args.batch, args.dim))
-        # Identical weights for all heads. `kernel0` has the (D, C) layout
-        # of the Dense and autodiff kernels; LSoftmaxDense stores one row
-        # per class, (C, D).
-        self.head.kernel.assign(kernel0.T if name == "lsoftmax" else kernel0)
-        if features == "trained":
-            self.x = keras.Variable(x0, trainable=True, name="features")
-            self.variables = [self.x, self.head.kernel]
-        else:  # frozen: a constant the tape does not watch
-            self.x = tf.constant(x0)
-            self.variables = [self.head.kernel]
-        self.optimizer = keras.optimizers.SGD(learning_rate=1e-3, momentum=0.9)
-        self.optimizer.build(self.variables)
-        self.y = y
-
-        def step():
-            with tf.GradientTape() as tape:
-                logits = call(self.x, self.y)
-                loss = tf.reduce_mean(
-                    tf.nn.sparse_softmax_cross_entropy_with_logits(
-                        labels=self.y, logits=logits
-                    )
-                )
-            grads = tape.gradient(loss, self.variables)
-            self.optimizer.apply(grads, self.variables)
-            return loss
-
-        self.steps = {
-            True: tf.function(step, jit_compile=True),
-            False: tf.function(step, jit_compile=False),
-        }
-
-    def sync(self, loss: tf.Tensor) -> float:
-        # Reading the kernel waits for this step's update too (on GPU).
-        self.head.kernel.value[0, 0].numpy()
-        return float(loss.numpy())
 
 
 def build_variants(
@@ -306,32 +282,35 @@ def build_variants(
         np.float32
     )
     labels = rng.integers(0, num_classes, args.batch).astype(np.int32)
-    with tf.device(args.device):
-        y = tf.constant(labels)
-        return {
-            (features, name): Variant(
-                name, args, num_classes, x0, y, kernel0, features
-            )
-            for features in args.features
-            for name in args.variants
-        }
+    with device_scope(args.device):
+        return backend_steps.make_variants(
+            args.variants, args.features, num_classes, x0, labels, kernel0,
+            args.margin, args.lam,
+        )
 
 
 def warm_up(
     variants: dict[tuple[str, str], Variant], modes: list[bool],
     args: argparse.Namespace,
 ) -> dict[tuple[str, str, bool], float]:
-    """Calls every step `--warmup` times; returns the first call's seconds."""
+    """Calls every step `--warmup` times; returns the first call's seconds.
+
+    A step that raises `StepUnavailable` is recorded in its variant's
+    `unavailable` and left out from then on.
+    """
     compile_s = {}
-    with tf.device(args.device):
+    with device_scope(args.device):
         for key, variant in variants.items():
             for jit in modes:
                 step = variant.steps[jit]
                 t0 = time.perf_counter()
-                variant.sync(step())
-                compile_s[(*key, jit)] = time.perf_counter() - t0
-                for _ in range(args.warmup - 1):
+                try:
                     variant.sync(step())
+                    compile_s[(*key, jit)] = time.perf_counter() - t0
+                    for _ in range(args.warmup - 1):
+                        variant.sync(step())
+                except StepUnavailable as error:
+                    variant.unavailable[jit] = str(error)
     return compile_s
 
 
@@ -342,15 +321,17 @@ def pick_inner(
     if args.inner:
         return args.inner
     fastest = math.inf
-    with tf.device(args.device):
+    with device_scope(args.device):
         for variant in variants.values():
-            for jit in modes:
+            for jit in variant.available(modes):
                 samples = []
                 for _ in range(3):
                     t0 = time.perf_counter()
                     variant.sync(variant.steps[jit]())
                     samples.append(time.perf_counter() - t0)
                 fastest = min(fastest, float(np.median(samples)))
+    if fastest == math.inf:  # no step could run
+        return 1
     return max(1, math.ceil(args.min_sample_ms / 1e3 / fastest))
 
 
@@ -368,10 +349,12 @@ def time_interleaved(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        with tf.device(args.device):
+        with device_scope(args.device):
             for _ in range(args.repeats):
                 for jit in modes:
                     for key, variant in variants.items():
+                        if jit in variant.unavailable:
+                            continue
                         step = variant.steps[jit]
                         t0 = time.perf_counter()
                         for _ in range(inner):
@@ -423,23 +406,24 @@ def probe_memory(
     args: argparse.Namespace, method: str,
 ) -> dict[tuple[str, str, bool], int]:
     """Peak extra bytes of one compiled, warm step of each (features,
-    variant, jit)."""
-    device = memory_device(args.device)
+    variant, jit) that could run."""
     peaks = {}
-    with tf.device(args.device):
+    with device_scope(args.device):
         for key, variant in variants.items():
-            for jit in modes:
+            for jit in variant.available(modes):
                 step = variant.steps[jit]
-                variant.sync(step())  # compiled and warm
+                try:
+                    for _ in range(args.warmup):  # compiled and warm
+                        variant.sync(step())
+                except StepUnavailable as error:
+                    variant.unavailable[jit] = str(error)
+                    continue
                 peak = 0
                 for _ in range(args.memory_probes):
                     if method == "allocator":
-                        tf.config.experimental.reset_memory_stats(device)
-                        info = tf.config.experimental.get_memory_info(device)
-                        before = info["current"]
-                        variant.sync(step())
-                        after = tf.config.experimental.get_memory_info(device)
-                        extra = after["peak"] - before
+                        extra = backend_steps.allocator_extra_bytes(
+                            args.device, lambda: variant.sync(step())
+                        )
                     else:
                         before = _proc_status_bytes("VmRSS")
                         _reset_rss_peak()
@@ -466,8 +450,8 @@ def probe_memory_subprocess(
             probe_argv.append(arg)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "memory.json")
-        cmd = [sys.executable, script, *probe_argv, "--memory", "rss",
-               "--memory-probe-out", out]
+        cmd = [sys.executable, script, *probe_argv, "--backend",
+               args.backend, "--memory", "rss", "--memory-probe-out", out]
         env = {**os.environ, **_RSS_ENV}
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -507,12 +491,6 @@ def run_memory_probe_only(args: argparse.Namespace) -> None:
         json.dump(rows, f)
 
 
-def _ratio(value: float | None, base: float | None) -> float | None:
-    if value is None or base is None or base <= 0:
-        return None
-    return value / base
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One table, or one per feature setting under a heading line."""
     settings = list(dict.fromkeys(r.get("features", "trained") for r in rows))
@@ -523,6 +501,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             for features in settings
         )
     return _one_table(rows)
+
+
+def unavailable_notes(rows: list[dict[str, Any]]) -> str:
+    """One line per row without times, saying why; "" when all ran."""
+    return "\n".join(
+        f"- C={r['classes']}, jit {'yes' if r['jit'] else 'no'}, "
+        f"{r['features']}, {r['variant']}: unavailable: {r['unavailable']}"
+        for r in rows
+        if r["unavailable"]
+    )
 
 
 _FEATURES_TITLE = {
@@ -540,12 +528,82 @@ def _one_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['classes']} | {'yes' if r['jit'] else 'no'} "
-            f"| {r['variant']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} "
+            f"| {r['variant']} | {fmt(r['median_ms'], '.3f')} "
+            f"| {fmt(r['iqr_ms'], '.3f')} "
             f"| {fmt(r['ratio_to_dense'], '.2f')} "
             f"| {fmt(r['peak_mib'], '.4g')} "
             f"| {fmt(r['peak_ratio_to_dense'], '.2f')} |"
         )
     return "\n".join(lines)
+
+
+def memory_method(args: argparse.Namespace) -> str:
+    """The peak-memory probe `--memory` resolves to on this machine."""
+    method = args.memory
+    if method == "auto":
+        if backend_steps.allocator_stats_available(args.device):
+            method = "allocator"
+        elif args.backend == "tensorflow" or backend_steps.runs_on_cpu(
+            args.device
+        ):
+            method = "rss"
+        else:  # host memory says nothing about an accelerator's
+            method = "none"
+    if method == "allocator" and not backend_steps.allocator_stats_available(
+        args.device
+    ):
+        raise SystemExit(
+            f"--memory allocator: allocator statistics are not available on "
+            f"{args.device} ({args.backend} backend; only TensorFlow's are "
+            "read); use --memory rss"
+        )
+    if method == "rss" and not rss_probe_available():
+        print(
+            "warning: --memory rss needs Linux's /proc/self/clear_refs and "
+            "VmHWM; peak memory is left empty.",
+            file=sys.stderr,
+        )
+        method = "none"
+    return method
+
+
+def time_one_c(
+    args: argparse.Namespace, num_classes: int, modes: list[bool],
+    method: str,
+) -> tuple[list[dict[str, Any]], dict[tuple[int, str, str, bool], int]]:
+    """The timed rows of one C and, for the `allocator` probe, its peaks."""
+    variants = build_variants(args, num_classes)
+    compile_s = warm_up(variants, modes, args)
+    inner = pick_inner(variants, modes, args)
+    times, losses = time_interleaved(variants, modes, inner, args)
+    peaks = {}
+    if method == "allocator":
+        peaks = {
+            (num_classes, *key): peak
+            for key, peak in probe_memory(
+                variants, modes, args, "allocator"
+            ).items()
+        }
+    rows = []
+    for features in args.features:
+        for jit in modes:
+            for name in args.variants:
+                key = (features, name, jit)
+                rows.append({
+                    "backend": args.backend,
+                    "classes": num_classes,
+                    "jit": jit,
+                    "features": features,
+                    "variant": name,
+                    **sample_stats(times[key]),
+                    "inner": inner,
+                    "first_call_s": compile_s.get(key),
+                    "final_loss": losses.get(key),
+                    "unavailable": variants[(features, name)].unavailable.get(
+                        jit
+                    ),
+                })
+    return rows, peaks
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -556,66 +614,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_memory_probe_only(args)
         return {}
     modes = jit_modes(args)
-
-    memory_method = args.memory
-    if memory_method == "auto":
-        memory_method = (
-            "allocator" if allocator_stats_available(args.device) else "rss"
-        )
-    if memory_method == "allocator" and not allocator_stats_available(
-        args.device
-    ):
-        raise SystemExit(
-            f"--memory allocator: allocator statistics are not available on "
-            f"{args.device}; use --memory rss"
-        )
-    if memory_method == "rss" and not rss_probe_available():
-        print(
-            "warning: --memory rss needs Linux's /proc/self/clear_refs and "
-            "VmHWM; peak memory is left empty.",
-            file=sys.stderr,
-        )
-        memory_method = "none"
+    method = memory_method(args)
 
     rows = []
-    peaks: dict[tuple[int, str, bool], int] = {}
+    peaks: dict[tuple[int, str, str, bool], int] = {}
     for num_classes in args.classes:
-        variants = build_variants(args, num_classes)
-        compile_s = warm_up(variants, modes, args)
-        inner = pick_inner(variants, modes, args)
-        times, losses = time_interleaved(variants, modes, inner, args)
-        if memory_method == "allocator":
-            peaks.update({
-                (num_classes, *key): peak
-                for key, peak in probe_memory(
-                    variants, modes, args, "allocator"
-                ).items()
-            })
-        for features in args.features:
-            for jit in modes:
-                for name in args.variants:
-                    key = (features, name, jit)
-                    samples = np.asarray(times[key])
-                    q25, median, q75 = np.percentile(samples, [25, 50, 75])
-                    rows.append({
-                        "classes": num_classes,
-                        "jit": jit,
-                        "features": features,
-                        "variant": name,
-                        "median_ms": float(median),
-                        "q25_ms": float(q25),
-                        "q75_ms": float(q75),
-                        "iqr_ms": float(q75 - q25),
-                        "min_ms": float(samples.min()),
-                        "samples_ms": [float(t) for t in samples],
-                        "inner": inner,
-                        "first_call_s": compile_s[key],
-                        "final_loss": losses[key],
-                    })
-        del variants
+        c_rows, c_peaks = time_one_c(args, num_classes, modes, method)
+        rows.extend(c_rows)
+        peaks.update(c_peaks)
         gc.collect()
 
-    if memory_method == "rss":
+    if method == "rss":
         peaks = probe_memory_subprocess(args, argv)
 
     by_key = {
@@ -629,14 +638,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["peak_mib"] = None if peak is None else peak / MIB
     for r in rows:
         dense = by_key.get((r["classes"], r["jit"], r["features"], "dense"))
-        r["ratio_to_dense"] = _ratio(
+        r["ratio_to_dense"] = ratio(
             r["median_ms"], dense and dense["median_ms"]
         )
-        r["peak_ratio_to_dense"] = _ratio(
+        r["peak_ratio_to_dense"] = ratio(
             r["peak_bytes"], dense and dense["peak_bytes"]
         )
 
     table = markdown_table(rows)
+    notes = unavailable_notes(rows)
+    if notes:
+        table += "\n\nNot timed:\n\n" + notes
     results = {
         "config": {
             "classes": args.classes,
@@ -647,18 +659,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "lam": args.lam,
             "variants": args.variants,
             "jit_modes": modes,
+            "jit_meaning": JIT_MEANING[args.backend],
             "repeats": args.repeats,
             "warmup": args.warmup,
             "min_sample_ms": args.min_sample_ms,
             "device": args.device,
             "optimizer": "SGD(learning_rate=1e-3, momentum=0.9)",
-            "loss": "mean sparse_softmax_cross_entropy_with_logits",
+            "loss": LOSS[args.backend],
             "features": args.features,
             "grads": {
                 "trained": "features x (a variable) and kernel",
                 "frozen": "kernel only (x a constant tensor)",
             },
-            "memory_method": memory_method,
+            "memory_method": method,
             "memory_method_detail": {
                 "allocator": "tf.config.experimental.get_memory_info peak "
                 "after reset_memory_stats minus current before the step, in "
@@ -667,7 +680,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "reset via /proc/self/clear_refs), in one child process with "
                 "MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0",
                 "none": "not measured",
-            }[memory_method],
+            }[method],
             "memory_probes": args.memory_probes,
             "seed": args.seed,
             **environment(),

@@ -1,16 +1,24 @@
-"""What `bench_head.py` and `bench_fit.py` share: the problem and timing
-arguments, and the formatting of their tables."""
+"""What `bench_head.py` and `bench_fit.py` share: the backend, problem and
+timing arguments, the device scope, the statistics of timing samples, and the
+recording and formatting of their results.
+
+Import it only after the backend is chosen (`benchmarks.backend_choice`): it
+imports Keras.
+"""
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import platform
 from typing import Any
 
 import keras
-import tensorflow as tf
+import numpy as np
 
 import keras_lsoftmax
+from benchmarks.backend_choice import BACKENDS
 
 
 def add_timing_arguments(
@@ -20,8 +28,13 @@ def add_timing_arguments(
     min_sample_ms: float,
     warmup_help: str,
 ) -> None:
-    """Adds --classes, --batch, --dim, --repeats, --warmup, --inner and
-    --min-sample-ms to `parser`, with these defaults."""
+    """Adds --backend, --classes, --batch, --dim, --repeats, --warmup,
+    --inner and --min-sample-ms to `parser`, with these defaults."""
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=keras.backend.backend(),
+        help="Keras backend, read before Keras is imported (default: "
+        "KERAS_BACKEND, else tensorflow)",
+    )
     parser.add_argument(
         "--classes", type=int, nargs="+", default=list(classes),
         help="numbers of classes C (default: %(default)s)",
@@ -46,15 +59,70 @@ def add_timing_arguments(
     )
 
 
+def check_backend(parser: argparse.ArgumentParser, backend: str) -> None:
+    """Stops with a usage error unless Keras runs on `backend`.
+
+    Keras fixes its backend at import, so a script run as a program selects
+    it from `--backend` first; a caller that imported Keras already (a test
+    calling `main`) must ask for the backend it has.
+    """
+    loaded = keras.backend.backend()
+    if backend != loaded:
+        parser.error(
+            f"--backend {backend}: Keras was imported with the {loaded} "
+            f"backend; run the script in a new process, or set "
+            f"KERAS_BACKEND={backend} before Keras is imported"
+        )
+
+
+def device_scope(device: str | None) -> Any:
+    """`keras.device(device)`, or no scope for None (Keras's placement).
+
+    On TensorFlow `keras.device` is `tf.device`; on JAX and PyTorch it takes
+    names such as "cpu:0" and "gpu:0".
+    """
+    return keras.device(device) if device else contextlib.nullcontext()
+
+
+def sample_stats(samples_ms: list[float]) -> dict[str, Any]:
+    """Median, quartiles, IQR and minimum of timing samples (ms), with the
+    samples; all None when there are none (a step that could not run)."""
+    if not samples_ms:
+        return {
+            "median_ms": None, "q25_ms": None, "q75_ms": None,
+            "iqr_ms": None, "min_ms": None, "samples_ms": [],
+        }
+    samples = np.asarray(samples_ms)
+    q25, median, q75 = np.percentile(samples, [25, 50, 75])
+    return {
+        "median_ms": float(median),
+        "q25_ms": float(q25),
+        "q75_ms": float(q75),
+        "iqr_ms": float(q75 - q25),
+        "min_ms": float(samples.min()),
+        "samples_ms": [float(t) for t in samples],
+    }
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    """`value / base`, or None when either is missing or `base` is not > 0."""
+    if value is None or base is None or base <= 0:
+        return None
+    return value / base
+
+
 def fmt(value: float | None, spec: str) -> str:
     """`value` formatted with `spec`, or "n/a" for None."""
     return "n/a" if value is None else format(value, spec)
 
 
 def environment() -> dict[str, Any]:
-    """The versions and machine a result was measured with."""
+    """The backend, versions and machine a result was measured with."""
+    backend = keras.backend.backend()
     return {
-        "tensorflow": tf.__version__,
+        "backend": backend,
+        # The backend's own package: tensorflow, jax or torch.
+        backend: importlib.import_module(backend).__version__,
         "keras": keras.__version__,
         "keras_lsoftmax": keras_lsoftmax.__version__,
         "python": platform.python_version(),

@@ -1,19 +1,28 @@
 """The benchmarks run on tiny inputs, and the autodiff reference is right.
 
-No test here asserts a time.
+The scripts run in-process on the backend of the suite, and as programs in
+a subprocess with `--backend jax` / `--backend torch` (Keras fixes its
+backend at import), whatever the suite's backend. No test here asserts a
+time.
 """
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks import backend_steps
 from benchmarks import bench_fit
 from benchmarks import bench_head
 from benchmarks import bench_mnist
+from benchmarks.backend_choice import select_backend
+from benchmarks.common import sample_stats
 from benchmarks.autodiff_reference import AutodiffLSoftmaxDense
 from benchmarks.autodiff_reference import autodiff_lsoftmax_logits
 from keras_lsoftmax import ops
@@ -41,6 +50,7 @@ def _table_rows(text):
     ]
 
 
+@pytest.mark.tensorflow  # the autodiff variant
 def test_bench_head_tiny_grid(tmp_path, capsys):
     out = tmp_path / "bench.json"
     results = bench_head.main(
@@ -91,6 +101,7 @@ def test_bench_head_tiny_grid(tmp_path, capsys):
     assert printed.strip().endswith(data["markdown"].splitlines()[-1])
 
 
+@pytest.mark.tensorflow  # the autodiff variant
 def test_bench_head_flags(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench_head.main(
@@ -181,6 +192,216 @@ def test_bench_fit_tiny_run(tmp_path, capsys):
     assert "| C | API | jit | variant" in capsys.readouterr().out
 
 
+def test_bench_fit_scheduler_overhead(tmp_path, capsys):
+    out = tmp_path / "sched.json"
+    bench_fit.main(
+        [
+            "--scheduler-overhead", "--classes", "5", "--batch", "8",
+            "--dim", "8", "--fit-batches", "3", "--epochs", "2",
+            "--repeats", "2", "--warmup", "1", "--out", str(out),
+        ]
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["config"]["mode"] == "scheduler_overhead"
+    _check_scheduler_rows(data["rows"], keras.backend.backend())
+    assert "| C | jit | λ callback |" in capsys.readouterr().out
+
+
+def test_select_backend_reads_the_flag(monkeypatch):
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    select_backend(["--classes", "3"])
+    assert "KERAS_BACKEND" not in os.environ
+    select_backend(["--classes", "3", "--backend", "torch", "--out", "x"])
+    assert os.environ["KERAS_BACKEND"] == "torch"
+
+
+def test_backend_other_than_loaded_is_an_error(capsys):
+    other = next(b for b in ("jax", "torch") if b != keras.backend.backend())
+    with pytest.raises(SystemExit) as exit_info:
+        bench_head.main(["--backend", other])
+    assert exit_info.value.code == 2
+    assert "run the script in a new process" in capsys.readouterr().err
+
+
+class _NoCompilerVariant:
+    """A variant whose compiled step cannot be built, as when
+    `torch.compile` fails."""
+
+    available = backend_steps.Variant.available
+
+    def __init__(self):
+        self.unavailable = {}
+        self.steps = {True: self._compiled, False: lambda: 2.0}
+
+    def _compiled(self):
+        raise backend_steps.StepUnavailable("torch.compile failed: no cc")
+
+    def sync(self, loss):
+        return float(loss)
+
+
+def test_unavailable_step_is_reported_not_timed():
+    args = bench_head.parse_args(
+        ["--warmup", "2", "--inner", "1", "--repeats", "2", "--memory", "none"]
+    )
+    variants = {("trained", "lsoftmax"): _NoCompilerVariant()}
+    compile_s = bench_head.warm_up(variants, [True, False], args)
+    assert list(compile_s) == [("trained", "lsoftmax", False)]
+    times, losses = bench_head.time_interleaved(
+        variants, [True, False], 1, args
+    )
+    assert times[("trained", "lsoftmax", True)] == []
+    assert len(times[("trained", "lsoftmax", False)]) == 2
+    assert losses == {("trained", "lsoftmax", False): 2.0}
+    assert variants[("trained", "lsoftmax")].unavailable == {
+        True: "torch.compile failed: no cc"
+    }
+    row = {
+        "classes": 5, "jit": True, "features": "trained",
+        "variant": "lsoftmax", **sample_stats([]), "ratio_to_dense": None,
+        "peak_mib": None, "peak_ratio_to_dense": None,
+        "unavailable": "torch.compile failed: no cc",
+    }  # fmt: skip
+    assert "| 5 | yes | lsoftmax | n/a | n/a | n/a |" in (
+        bench_head.markdown_table([row])
+    )
+    assert bench_head.unavailable_notes([row]) == (
+        "- C=5, jit yes, trained, lsoftmax: unavailable: torch.compile "
+        "failed: no cc"
+    )
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tiny problems: the subprocess tests check that the scripts run and
+# report, not how fast.
+_HEAD_TINY = [
+    "--classes", "12", "--batch", "8", "--dim", "16", "--repeats", "2",
+    "--warmup", "2", "--inner", "2",
+]  # fmt: skip
+_SCHEDULER_TINY = [
+    "--scheduler-overhead", "--classes", "5", "--batch", "8", "--dim", "8",
+    "--fit-batches", "3", "--epochs", "2", "--repeats", "2", "--warmup", "1",
+]  # fmt: skip
+
+
+def _run_script(tmp_path, script, backend, args, environment_backend=None):
+    """Runs benchmarks/`script` as a program with `--backend backend` and
+    KERAS_BACKEND=`environment_backend` (default: `backend`); returns its
+    JSON results."""
+    out = tmp_path / f"{script}.{backend}.json"
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": environment_backend or backend,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    command = [
+        sys.executable, os.path.join(_REPO, "benchmarks", script),
+        "--backend", backend, *args, "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        command, cwd=_REPO, env=env, capture_output=True, text=True,
+        timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["config"]["backend"] == backend
+    return data
+
+
+def _check_head_rows(rows, backend, jit_modes, features):
+    assert {(r["features"], r["jit"], r["variant"]) for r in rows} == {
+        (f, jit, v)
+        for f in features
+        for jit in jit_modes
+        for v in ("dense", "lsoftmax")
+    }
+    for r in rows:
+        assert r["backend"] == backend
+        if r["unavailable"]:  # a compiler this machine lacks, with reason
+            assert r["median_ms"] is None and r["samples_ms"] == []
+            continue
+        assert len(r["samples_ms"]) == 2 and r["median_ms"] > 0
+        assert math.isfinite(r["ratio_to_dense"]) and r["ratio_to_dense"] > 0
+        assert math.isfinite(r["final_loss"])
+
+
+def _check_scheduler_rows(rows, backend):
+    assert sorted(r["variant"] for r in rows) == [
+        "callable", "none", "schedule"
+    ]  # fmt: skip
+    by_variant = {r["variant"]: r for r in rows}
+    for r in rows:
+        assert r["backend"] == backend and r["mode"] == "scheduler_overhead"
+        assert len(r["samples_ms"]) == 2 and r["median_ms"] > 0
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0
+        assert r["steps_per_sample"] == 6
+    assert by_variant["none"]["ratio"] == 1.0
+    assert by_variant["none"]["final_lambda"] == 0.0
+    # Both callbacks drove λ to its value at the last of the 18 steps
+    # (3 fits of 3 batches × 2 epochs): in the step and from the host.
+    expected = bench_fit.host_inverse_decay(18)
+    for name in ("schedule", "callable"):
+        assert by_variant[name]["final_lambda"] == pytest.approx(
+            expected, rel=1e-5
+        )
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_bench_head_runs_on_backend(tmp_path, backend):
+    # torch.compile takes minutes on a small CPU: eager only here, the
+    # compiled step in the slow test below.
+    jit_args = ["--no-jit"] if backend == "torch" else []
+    data = _run_script(
+        tmp_path, "bench_head.py", backend,
+        [*_HEAD_TINY, *jit_args, "--features", "trained", "frozen",
+         "--memory", "none"],
+        # The flag wins over the environment: it is read before Keras.
+        environment_backend="tensorflow",
+    )  # fmt: skip
+    modes = [False] if backend == "torch" else [True, False]
+    _check_head_rows(data["rows"], backend, modes, ["trained", "frozen"])
+    assert all(r["unavailable"] is None for r in data["rows"])
+    assert data["config"]["variants"] == ["dense", "lsoftmax"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_bench_head_compiled_with_memory_probe(tmp_path, backend):
+    data = _run_script(
+        tmp_path, "bench_head.py", backend,
+        [*_HEAD_TINY, "--memory", "rss", "--memory-probes", "1"],
+    )  # fmt: skip
+    _check_head_rows(data["rows"], backend, [True, False], ["trained"])
+    assert data["config"]["memory_method"] == "rss"
+    for r in data["rows"]:
+        if not r["unavailable"]:
+            assert r["peak_bytes"] is not None and r["peak_bytes"] >= 0
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_bench_fit_runs_on_backend(tmp_path, backend):
+    data = _run_script(
+        tmp_path, "bench_fit.py", backend,
+        ["--classes", "30", "--batch", "8", "--dim", "16", "--repeats", "2",
+         "--warmup", "1", "--inner", "2", "--fit-batches", "3"],
+    )  # fmt: skip
+    assert sorted((r["api"], r["variant"]) for r in data["rows"]) == [
+        ("fit", "dense"),
+        ("fit", "lsoftmax"),
+        ("train_on_batch", "dense"),
+        ("train_on_batch", "lsoftmax"),
+    ]
+    for r in data["rows"]:
+        assert r["backend"] == backend and r["median_ms"] > 0
+        assert math.isfinite(r["ratio_to_dense"]) and r["ratio_to_dense"] > 0
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_bench_fit_scheduler_overhead_on_backend(tmp_path, backend):
+    data = _run_script(tmp_path, "bench_fit.py", backend, _SCHEDULER_TINY)
+    _check_scheduler_rows(data["rows"], backend)
+
+
 def test_bench_head_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_head.main(["--help"])
@@ -203,9 +424,11 @@ def test_bench_head_help(capsys):
 
 
 def test_memory_device_names():
-    assert bench_head.memory_device("/CPU:0") == "CPU:0"
-    assert bench_head.memory_device("/gpu:1") == "GPU:1"
-    assert bench_head.memory_device("/job:localhost/device:GPU:0") == "GPU:0"
+    assert backend_steps.memory_device("/CPU:0") == "CPU:0"
+    assert backend_steps.memory_device("/gpu:1") == "GPU:1"
+    assert (
+        backend_steps.memory_device("/job:localhost/device:GPU:0") == "GPU:0"
+    )
 
 
 def _random_problem(seed, batch=16, dim=8, classes=12):
@@ -219,6 +442,7 @@ def _random_problem(seed, batch=16, dim=8, classes=12):
     return x, w, labels, upstream
 
 
+@pytest.mark.tensorflow
 @pytest.mark.parametrize("margin", [1, 2, 3, 4])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 7.0])
 def test_autodiff_reference_matches_op_float64(margin, lam):
@@ -249,6 +473,7 @@ def test_autodiff_reference_matches_op_float64(margin, lam):
         )
 
 
+@pytest.mark.tensorflow
 def test_autodiff_reference_psi_values():
     # ψ(θ) at known angles for m = 4: the target logit is ‖x‖‖w‖ψ(θ).
     for theta, expected in [
@@ -263,6 +488,7 @@ def test_autodiff_reference_psi_values():
         np.testing.assert_allclose(logits.numpy(), [[expected]], atol=1e-12)
 
 
+@pytest.mark.tensorflow
 def test_autodiff_layer_matches_lsoftmax_dense():
     from keras_lsoftmax import LSoftmaxDense
 
