@@ -74,9 +74,10 @@ def check_labels(labels: Any, num_classes: int, inputs: Any = None) -> Any:
     The range check (and, given `inputs`, the check that there is one label
     per row of `inputs`) runs wherever the backend can check at run time:
     TensorFlow in eager and graph mode, PyTorch in eager mode, JAX outside
-    `jit`. Under XLA (`jit_compile=True` on TensorFlow, `jit` on JAX) and
-    `torch.compile`, labels outside [0, num_classes) are not reported: the
-    gather clamps them.
+    `jit`. Compiled code does not check them: under XLA
+    (`jit_compile=True` on TensorFlow, `jit` on JAX) the gather clamps
+    labels outside [0, num_classes), and under `torch.compile` the indexing
+    fails with PyTorch's own "index out of bounds" error.
     """
     return _backend.check_labels(labels, num_classes, inputs)
 

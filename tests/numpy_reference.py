@@ -15,7 +15,6 @@ so that the package's hand-written gradient can be compared with it.
 import math
 
 import numpy as np
-import tensorflow as tf
 
 
 def psi_ref(theta: np.ndarray, margin: int) -> np.ndarray:
@@ -117,13 +116,14 @@ def sample_away_from_breakpoints(
     return features_at_angles(rng, w, labels, theta), w
 
 
-def lsoftmax_autodiff(x, w, labels, margin: int, lam) -> tf.Tensor:
+def lsoftmax_autodiff(x, w, labels, margin: int, lam):
     """The L-Softmax logits in TensorFlow, for plain automatic differentiation.
 
     cos(mθ) is the Chebyshev polynomial T_m(cos θ) (stable in float32, unlike
     the derivative of arccos near θ = 0); the interval index k comes from
     arccos and floor, under `stop_gradient`.
     """
+    import tensorflow as tf  # only the TensorFlow tests use this one
     x = tf.convert_to_tensor(x)
     w = tf.convert_to_tensor(w, dtype=x.dtype)
     lam = tf.cast(lam, x.dtype)

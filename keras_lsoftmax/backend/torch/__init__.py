@@ -1,0 +1,1 @@
+"""The PyTorch implementation of the L-Softmax op (`torch.autograd.Function`)."""

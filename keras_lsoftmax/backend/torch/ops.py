@@ -1,0 +1,315 @@
+"""The L-Softmax op on PyTorch: a `torch.autograd.Function`, exact gradient.
+
+The math is described in `keras_lsoftmax.ops`. The forward pass is one matrix
+product plus O(B·D) work on the B labelled class weights, the margin written
+in place into the B target logits; the backward pass is the two matrix
+products of a Dense layer plus O(B·D) work, the labelled rows' extra terms
+added in place. No (B, C) tensor is built beside the logits and the upstream
+gradient.
+
+`keras.ops.custom_gradient` is not used: on torch its grad function gets one
+upstream gradient only (this op has three outputs), it saves only tensor
+arguments, and when a first call raises it re-runs the forward pass under a
+bare `except`, after which the gradients come out NaN.
+
+Under `torch.compile` a training step through the op compiles, also with
+`fullgraph=True` (dynamo traces the Function's forward and backward; a λ
+that changes, Python float or tensor, does not recompile), and matches eager
+mode. The one difference: the checks that read tensor values back to the
+host are skipped, so labels outside [0, C) and a negative λ tensor raise no
+`ValueError`. A bad label then fails in the compiled gather instead (a
+`RuntimeError` "index out of bounds" from inductor's bounds check on CPU, a
+device-side assertion on an accelerator); a negative λ goes unreported.
+"""
+
+from typing import Any
+
+import keras
+import numpy as np
+import torch
+
+from keras_lsoftmax.backend.common import check_lambda_number
+from keras_lsoftmax.backend.common import check_margin
+from keras_lsoftmax.backend.common import compute_dtype
+from keras_lsoftmax.backend.common import thresholds
+
+
+def psi(cos_theta: Any, margin: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's margin function ψ and its derivative, as functions of cos θ.
+
+    ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]. It is computed as
+    P(c) = (−1)^k T_m(c) − 2k with c = cos θ, the Chebyshev polynomial T_m and
+    k the number of thresholds cos(jπ/m), j = 1..m−1, that c does not exceed,
+    so no arccosine is taken. P is continuous and decreasing in θ, with
+    P(1) = 1 and P(−1) = 1 − 2m.
+
+    Args:
+        cos_theta: float tensor of cosines, any shape; values outside
+            [−1, 1] are clipped.
+        margin: the integer margin m ≥ 1.
+
+    Returns:
+        A pair `(P(c), P'(c))` with P'(c) = (−1)^k m U_{m−1}(c), U the
+        Chebyshev polynomial of the second kind; both have the shape and dtype
+        of `cos_theta`.
+    """
+    margin = check_margin(margin)
+    c = torch.clamp(_to_tensor(cos_theta), -1.0, 1.0)
+    # T and U share the recurrence v_{n+1} = 2c·v_n − v_{n−1}: run it once
+    # on both, from (T_0, U_{−1}) = (1, 0) and (T_1, U_0) = (c, 1).
+    two_c = 2.0 * c
+    previous = torch.stack([torch.ones_like(c), torch.zeros_like(c)])
+    current = torch.stack([c, torch.ones_like(c)])
+    for _ in range(margin - 1):
+        previous, current = current, two_c * current - previous
+    t, u = current.unbind()
+    # Python-float thresholds: a threshold tensor would be a host-to-device
+    # copy on every call.
+    k = torch.zeros_like(c)
+    for threshold in thresholds(margin):
+        k = k + (c <= threshold).to(c.dtype)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    return sign * t - 2.0 * k, sign * float(margin) * u
+
+
+def check_labels(
+    labels: Any, num_classes: int, inputs: Any = None
+) -> torch.Tensor:
+    """Validates sparse labels of shape (B,) and returns them as int32.
+
+    int32 is what the other backends return; torch indexes with int32 as
+    well as with int64. The labels are moved to the device of `inputs` when
+    that is a tensor. The range check reads the smallest and largest label
+    back to the host, so it runs in eager mode only: under `torch.compile`
+    labels outside [0, num_classes) are not reported here.
+    """
+    device = inputs.device if isinstance(inputs, torch.Tensor) else None
+    labels = _to_tensor(labels, device)
+    dtype_name = keras.backend.standardize_dtype(labels.dtype)
+    if not dtype_name.startswith(("int", "uint")):
+        raise ValueError(
+            "Expected `labels` to hold integer class ids. Received: labels "
+            f"with dtype {dtype_name}"
+        )
+    if labels.ndim != 1:
+        raise ValueError(
+            "Expected `labels` to have shape (batch_size,). Received: labels "
+            f"with shape {tuple(labels.shape)}"
+        )
+    if inputs is not None:
+        inputs_shape = np.shape(inputs)
+        if tuple(labels.shape) != tuple(inputs_shape[:1]):
+            raise ValueError(
+                "Expected `labels` to hold one label per row of `inputs`. "
+                f"Received: labels with shape {tuple(labels.shape)}, inputs "
+                f"with shape {tuple(inputs_shape)}"
+            )
+    if labels.numel() and not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(labels)).tolist()
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"Expected `labels` in [0, {num_classes}). Received labels "
+                f"from {low} to {high}"
+            )
+    return labels.to(torch.int32)
+
+
+def plain_logits(inputs: Any, kernel: Any) -> torch.Tensor:
+    """`inputs @ kernelᵀ` in the dtype `lsoftmax_logits` computes in."""
+    x, w = _operands(inputs, kernel)
+    return x @ w.T
+
+
+def margin_logits(
+    inputs: Any,
+    kernel: Any,
+    labels: Any,
+    margin: int,
+    lam: Any,
+    valid: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lsoftmax_logits` plus, per sample, the plain target logit and cos θ.
+
+    `valid`, an optional float mask (B,), scales each row's margin: rows
+    with 0 keep their plain logits and get the plain gradient.
+
+    `labels` must already be int32 class ids checked by `check_labels`. The
+    two extra outputs (shape (B,)) carry no gradient; the layer uses them for
+    metrics on plain logits and for logging θ.
+    """
+    margin = check_margin(margin)
+    x, w = _operands(inputs, kernel, check_shapes=True)
+    labels = _to_tensor(labels, x.device)
+    lam = _check_lambda(lam, x.dtype, x.device)
+    if margin == 1:
+        return _plain_margin_logits(x, w, labels)
+    if valid is not None:
+        valid = _to_tensor(valid, x.device).detach().to(x.dtype)
+    return _MarginLogits.apply(x, w, labels, lam, valid, margin)
+
+
+def with_plain_targets(
+    logits: torch.Tensor, labels: Any, plain_target: Any
+) -> torch.Tensor:
+    """`logits` (B, C) with each entry [i, labels[i]] set to `plain_target[i]`.
+
+    Undoes the margin of `margin_logits` for metrics with an O(B) write into
+    the storage of `logits` (no (B, C) copy), through a detached alias that
+    is returned: the result carries no gradient, and `logits` itself reads
+    the plain targets afterwards. The models call it after the loss's
+    backward pass, when nothing else needs the margin logits. The alias
+    shares the version counter of `logits`, so should autograd still hold
+    `logits` for a backward pass that has not run, that pass raises instead
+    of computing with the changed values.
+    """
+    out = logits.detach()
+    labels = _to_tensor(labels, out.device)
+    rows = torch.arange(labels.shape[0], device=out.device)
+    plain_target = _to_tensor(plain_target, out.device).to(out.dtype)
+    return out.index_put_((rows, labels), plain_target)
+
+
+class _MarginLogits(torch.autograd.Function):
+    """The margin logits (B, C), plain target logits and cos θ (B,).
+
+    Arguments: x (B, D) and w (C, D) in the compute dtype, int labels (B,),
+    λ (a float or a 0-d tensor), the optional row mask `valid` (B,) and the
+    Python int margin m ≥ 2. Only x and w get gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, labels, lam, valid, margin):
+        logits = x @ w.T
+        rows, target, w_y, a, b, cos = _target_terms(logits, x, w, labels)
+        p, dp = psi(cos, margin)
+        inv = 1.0 / (1.0 + lam)
+        if valid is not None:
+            inv = inv * valid
+        # target + ab·(P − cos)/(1+λ) = (λ·xw + ab·P)/(1+λ), written so that
+        # λ → ∞ tends to xw without cancellation.
+        logits.index_put_((rows, labels), target + a * b * (p - cos) * inv)
+        alpha_minus_1 = (dp - 1.0) * inv
+        delta = (p - cos * dp) * inv
+        ctx.save_for_backward(x, w, labels, w_y, a, b, alpha_minus_1, delta)
+        ctx.mark_non_differentiable(target, cos)
+        return logits, target, cos
+
+    @staticmethod
+    def backward(ctx, upstream, *unused):
+        x, w, labels, w_y, a, b, alpha_minus_1, delta = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dx = dw = None
+        if not (need_x or need_w):
+            return dx, dw, None, None, None, None
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        g = upstream[rows, labels]
+        tangent = (alpha_minus_1 * g)[:, None]
+        gd = g * delta
+        if need_x:
+            radial = torch.where(a > 0, gd * b / a, 0.0)[:, None]
+            # The O(B·D) terms are the matrix product's addend: no pass over
+            # a modified copy of the (B, C) upstream gradient.
+            dx = torch.addmm(
+                torch.addcmul(tangent * w_y, radial, x), upstream, w
+            )
+        if need_w:
+            radial = torch.where(b > 0, gd * a / b, 0.0)[:, None]
+            dw = upstream.T @ x
+            dw.index_add_(0, labels, torch.addcmul(tangent * x, radial, w_y))
+        return dx, dw, None, None, None, None
+
+
+def _target_terms(
+    logits: torch.Tensor, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The per-sample terms of the target logits, computed without gradient.
+
+    Returns:
+        Row indices (B,), the plain target logits x·w_y, the labelled class
+        weights w_y (B, D), ‖x‖, ‖w_y‖ and cos θ (0 where a norm is 0).
+    """
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    target = logits[rows, labels]
+    w_y = w.index_select(0, labels)
+    a = torch.linalg.vector_norm(x, dim=1)
+    b = torch.linalg.vector_norm(w_y, dim=1)
+    ab = a * b
+    cos = torch.clamp(torch.where(ab > 0, target / ab, 0.0), -1.0, 1.0)
+    return rows, target, w_y, a, b, cos
+
+
+def _plain_margin_logits(
+    x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """m = 1: the plain logits (autograd's Dense gradient) and the records."""
+    logits = x @ w.T
+    with torch.no_grad():
+        _, target, _, _, _, cos = _target_terms(logits, x, w, labels)
+    return logits, target, cos
+
+
+def _operands(
+    inputs: Any, kernel: Any, check_shapes: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`inputs` and `kernel` as tensors in the compute dtype.
+
+    Both go to the device of `inputs`; autograd casts their gradients back
+    to the callers' dtypes.
+    """
+    x = _to_tensor(inputs)
+    w = _to_tensor(kernel, x.device)
+    if check_shapes:
+        _check_shapes(x, w)
+    dtype = getattr(torch, compute_dtype(x.dtype, w.dtype))
+    return x.to(dtype), w.to(dtype)
+
+
+def _check_shapes(x: torch.Tensor, w: torch.Tensor) -> None:
+    if x.ndim != 2 or w.ndim != 2:
+        raise ValueError(
+            "Expected `inputs` of shape (batch_size, input_dim) and `kernel` "
+            f"of shape (units, input_dim). Received: inputs with shape "
+            f"{tuple(x.shape)}, kernel with shape {tuple(w.shape)}"
+        )
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(
+            "The last dimension of `inputs` must equal the last of `kernel`. "
+            f"Received: inputs with shape {tuple(x.shape)}, kernel with shape "
+            f"{tuple(w.shape)}"
+        )
+
+
+def _check_lambda(
+    lam: Any, dtype: torch.dtype, device: torch.device
+) -> float | torch.Tensor:
+    """λ as a Python float or a detached 0-d tensor of `dtype` on `device`.
+
+    A negative λ tensor raises in eager mode only: the check reads λ back to
+    the host, which `torch.compile` cannot trace.
+    """
+    if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        return float(check_lambda_number(lam))
+    lam = _to_tensor(lam, device).detach().to(dtype)
+    if lam.ndim != 0:
+        raise ValueError(
+            "Expected `lam` to be a scalar. Received: lam with shape "
+            f"{tuple(lam.shape)}"
+        )
+    if not torch.compiler.is_compiling() and not bool(lam >= 0):
+        raise ValueError(
+            "Expected `lam` >= 0 (the L-Softmax λ). Received: "
+            f"lam={lam.item()!r}"
+        )
+    return lam
+
+
+def _to_tensor(value: Any, device: torch.device | None = None) -> torch.Tensor:
+    """`value` (tensor, Keras variable, array, list or number) as a tensor.
+
+    Non-tensors go through `keras.ops.convert_to_tensor` (Keras's device and
+    dtype rules, variables unwrapped); the result is moved to `device` if
+    one is given.
+    """
+    if not isinstance(value, torch.Tensor):
+        value = keras.ops.convert_to_tensor(value)
+    return value if device is None else value.to(device)
