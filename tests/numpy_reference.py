@@ -124,6 +124,7 @@ def lsoftmax_autodiff(x, w, labels, margin: int, lam):
     arccos and floor, under `stop_gradient`.
     """
     import tensorflow as tf  # only the TensorFlow tests use this one
+
     x = tf.convert_to_tensor(x)
     w = tf.convert_to_tensor(w, dtype=x.dtype)
     lam = tf.cast(lam, x.dtype)
