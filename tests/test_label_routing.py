@@ -8,11 +8,12 @@ another output's labels (or none) fails it.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_lsoftmax
 from keras_lsoftmax import LSoftmaxDense
 from keras_lsoftmax import ops
+from tests.backend_utils import BACKEND
+from tests.backend_utils import gradients
 from tests.datasets import random_classification
 
 D, H, C, C_AUX = 12, 8, 5, 3
@@ -27,6 +28,21 @@ def _data(n=32, seed=0):
 
 def _ce():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _mean_ce(labels, logits):
+    return keras.ops.mean(
+        keras.ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    )
+
+
+def _numpy(tensor):
+    return keras.ops.convert_to_numpy(tensor)
+
+
+def _short_name(variable):
+    # "two_head_net/hidden/kernel" (subclassed) and "hidden/kernel" alike.
+    return "/".join(variable.path.split("/")[-2:])
 
 
 def _two_output_model(as_dict, second_head=False):
@@ -46,31 +62,30 @@ def _two_output_model(as_dict, second_head=False):
 
 def _hand_step(model, x, y, y_aux):
     """SGD on CE(aux) + CE(main), each head with its own labels."""
-    variables = [tf.Variable(v.numpy()) for v in model.trainable_variables]
-    # "two_head_net/hidden/kernel" (subclassed) and "hidden/kernel" alike.
-    names = ["/".join(v.path.split("/")[-2:]) for v in model.trainable_variables]
-    by_name = dict(zip(names, variables))
-    with tf.GradientTape() as tape:
-        features = tf.nn.relu(
-            x @ by_name["hidden/kernel"] + by_name["hidden/bias"]
+    names = [_short_name(v) for v in model.trainable_variables]
+    weights = [_numpy(v) for v in model.trainable_variables]
+
+    def loss_fn(*variables):
+        by_name = dict(zip(names, variables))
+        features = keras.ops.relu(
+            keras.ops.matmul(x, by_name["hidden/kernel"]) + by_name["hidden/bias"]
         )
         if "aux/bias" in by_name:
-            aux = features @ by_name["aux/kernel"] + by_name["aux/bias"]
+            aux = keras.ops.matmul(features, by_name["aux/kernel"])
+            aux = aux + by_name["aux/bias"]
         else:
             aux = ops.lsoftmax_logits(features, by_name["aux/kernel"], y_aux, 2, LAM)
         main = ops.lsoftmax_logits(features, by_name["main/kernel"], y, MARGIN, LAM)
-        loss = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(y_aux, aux)
-        ) + tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, main))
-    grads = tape.gradient(loss, variables)
-    return {n: v.numpy() - LR * g.numpy() for n, v, g in zip(names, variables, grads)}
+        return _mean_ce(y_aux, aux) + _mean_ce(y, main)
+
+    _, grads = gradients(loss_fn, *weights)
+    return {n: w - LR * g for n, w, g in zip(names, weights, grads)}
 
 
 def _assert_step(model, expected):
     for variable in model.trainable_variables:
-        name = "/".join(variable.path.split("/")[-2:])
         np.testing.assert_allclose(
-            variable.numpy(), expected[name], rtol=1e-5, atol=1e-6
+            _numpy(variable), expected[_short_name(variable)], rtol=1e-5, atol=1e-6
         )
 
 
@@ -79,8 +94,38 @@ def _fit_one_step(model, x, y, **compile_kwargs):
     return model.fit(x, y, batch_size=len(x), shuffle=False, verbose=0).history
 
 
+class _OneBatch(keras.utils.PyDataset):
+    """The whole data as one batch, as a `keras.utils.PyDataset`."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return self.x, self.y
+
+
+def _tf_dataset(x, y):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x))
+
+
 @pytest.mark.parametrize("second_head", [False, True])
-@pytest.mark.parametrize("form", ["list", "tuple", "dict", "dataset"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        "list",
+        # Keras treats tuples as lists: JAX and PyTorch skip it.
+        pytest.param("tuple", marks=pytest.mark.tensorflow),
+        "dict",
+        "py_dataset",
+        pytest.param("tf_dataset", marks=pytest.mark.tensorflow),
+    ],
+)
 def test_each_head_gets_the_labels_of_its_output(form, second_head):
     x, y, y_aux = _data()
     model = _two_output_model(as_dict=False, second_head=second_head)
@@ -89,15 +134,13 @@ def test_each_head_gets_the_labels_of_its_output(form, second_head):
         "list": [y_aux, y],
         "tuple": (y_aux, y),
         "dict": {"aux": y_aux, "main": y},
-    }.get(form)
-    if form == "dataset":
-        data = tf.data.Dataset.from_tensor_slices(
-            (x, {"aux": y_aux, "main": y})
-        ).batch(len(x))
-        model.compile(keras.optimizers.SGD(LR), loss=[_ce(), _ce()])
-        model.fit(data, shuffle=False, verbose=0)
+    }
+    model.compile(keras.optimizers.SGD(LR), loss=[_ce(), _ce()])
+    if form in labels:
+        model.fit(x, labels[form], batch_size=len(x), shuffle=False, verbose=0)
     else:
-        _fit_one_step(model, x, labels, loss=[_ce(), _ce()])
+        dataset = _OneBatch if form == "py_dataset" else _tf_dataset
+        model.fit(dataset(x, labels["dict"]), shuffle=False, verbose=0)
     _assert_step(model, expected)
 
 
@@ -123,7 +166,7 @@ def test_wrong_pairing_is_detected():
     model = _two_output_model(as_dict=False, second_head=True)
     expected = _hand_step(model, x, y, y_aux)
     _fit_one_step(model, x, [y_aux, y_aux], loss=[_ce(), _ce()])
-    kernel = model.get_layer("main").kernel.numpy()
+    kernel = _numpy(model.get_layer("main").kernel)
     assert np.max(np.abs(kernel - expected["main/kernel"])) > 1e-4
 
 
@@ -153,16 +196,14 @@ def test_single_output_with_dict_labels():
     inputs = keras.Input((D,))
     head = LSoftmaxDense(C, margin=MARGIN, initial_lambda=LAM, name="main")
     model = keras_lsoftmax.Model(inputs, {"main": head(inputs)})
-    kernel = tf.Variable(model.get_layer("main").kernel.numpy())
-    with tf.GradientTape() as tape:
-        logits = ops.lsoftmax_logits(x, kernel, y, MARGIN, LAM)
-        loss = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
-        )
-    expected = kernel.numpy() - LR * tape.gradient(loss, kernel).numpy()
+    kernel = _numpy(model.get_layer("main").kernel)
+    _, (grad,) = gradients(
+        lambda k: _mean_ce(y, ops.lsoftmax_logits(x, k, y, MARGIN, LAM)), kernel
+    )
+    expected = kernel - LR * grad
     _fit_one_step(model, x, {"main": y}, loss={"main": _ce()})
     np.testing.assert_allclose(
-        model.get_layer("main").kernel.numpy(), expected, rtol=1e-5, atol=1e-6
+        _numpy(model.get_layer("main").kernel), expected, rtol=1e-5, atol=1e-6
     )
 
 
@@ -170,6 +211,7 @@ def test_dict_labels_for_an_unnamed_single_output_fail_as_in_keras():
     # Keras 3.15's compiled loss cannot match {"main": y} to a single
     # output that is not a dict; the margin models raise the same error.
     x, y, _ = _data(seed=4)
+    keras.utils.set_random_seed(4)
     errors = []
     for model_class, head in [
         (keras.Model, keras.layers.Dense(C, name="main")),
@@ -196,6 +238,14 @@ class TwoHeadNet(keras_lsoftmax.Model):
         return {"aux": self.aux(features), "main": self.main(features)}
 
 
+# TwoHeadNet.call takes no `training` argument. On JAX, Keras' stateless
+# forward pass then runs the layers with training=None, and the head trains
+# on plain logits.
+@pytest.mark.xfail(
+    BACKEND == "jax",
+    reason="JAX trainer: no margin when the model's call has no `training`",
+    strict=True,
+)
 def test_unbuilt_subclassed_model_with_dict_outputs():
     x, y, y_aux = _data(seed=5)
     keras.utils.set_random_seed(11)
@@ -213,6 +263,7 @@ def test_unbuilt_subclassed_model_with_dict_outputs():
 
 def test_head_that_is_not_an_output_with_several_labels_raises():
     x, y, y_aux = _data(seed=6)
+    keras.utils.set_random_seed(6)
     inputs = keras.Input((D,))
     head = LSoftmaxDense(C, margin=MARGIN, name="inner_head")(inputs)
     outputs = [
@@ -221,14 +272,20 @@ def test_head_that_is_not_an_output_with_several_labels_raises():
     ]
     model = keras_lsoftmax.Model(inputs, outputs)
     model.compile("sgd", loss=[_ce(), _ce()])
-    before = model.get_layer("inner_head").kernel.numpy()
+    before = _numpy(model.get_layer("inner_head").kernel)
     with pytest.raises(ValueError, match=r"LSoftmaxDense 'inner_head'.*labels="):
         model.fit(x, [y_aux, y], verbose=0)
-    np.testing.assert_array_equal(model.get_layer("inner_head").kernel.numpy(), before)
+    # When the first step of fit raises, Keras 3.15 on JAX leaves the
+    # variables empty (their values were moved into the step's state), so
+    # there is nothing to read back; its stateless step changed nothing.
+    if BACKEND != "jax":
+        kernel = _numpy(model.get_layer("inner_head").kernel)
+        np.testing.assert_array_equal(kernel, before)
 
 
 def test_head_that_is_not_an_output_with_one_label_tensor_gets_it():
     x, y, _ = _data(seed=7)
+    keras.utils.set_random_seed(7)
     inputs = keras.Input((D,))
     head = LSoftmaxDense(C, margin=MARGIN, name="inner_head")(inputs)
     outputs = {"main": keras.layers.Rescaling(2.0, name="main")(head)}
@@ -249,21 +306,34 @@ def test_ignore_class_rows_get_no_margin_and_no_error():
         inputs, LSoftmaxDense(C, margin=MARGIN, initial_lambda=LAM, name="main")(inputs)
     )
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
-    kernel = tf.Variable(model.get_layer("main").kernel.numpy())
+    kernel = _numpy(model.get_layer("main").kernel)
     valid = y != -1
-    with tf.GradientTape() as tape:
+
+    def loss_fn(kernel):
         margin = ops.lsoftmax_logits(x, kernel, np.where(valid, y, 0), MARGIN, LAM)
-        plain = tf.matmul(x, kernel, transpose_b=True)
-        logits = tf.where(valid[:, None], margin, plain)
-        expected_loss = loss(y, logits)
-    expected = kernel.numpy() - LR * tape.gradient(expected_loss, kernel).numpy()
+        plain = keras.ops.matmul(x, keras.ops.transpose(kernel))
+        return loss(y, keras.ops.where(valid[:, None], margin, plain))
+
+    expected_loss, (grad,) = gradients(loss_fn, kernel)
+    expected = kernel - LR * grad
     logs = _fit_one_step(model, x, y, loss=loss)
     np.testing.assert_allclose(
-        model.get_layer("main").kernel.numpy(), expected, rtol=1e-5, atol=1e-6
+        _numpy(model.get_layer("main").kernel), expected, rtol=1e-5, atol=1e-6
     )
-    assert logs["loss"][0] == pytest.approx(float(expected_loss), rel=1e-5)
+    assert logs["loss"][0] == pytest.approx(float(expected_loss), rel=1e-5, abs=1e-6)
 
-    # Other labels outside [0, C) still get the clear error.
+    # Other labels outside [0, C) still get the clear error. It is checked
+    # at run time: in TensorFlow's graph, in eager PyTorch and outside jit on
+    # JAX (under jit the op's gathers clamp the labels unchecked).
     y[1] = C + 2
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels` in \[0, 5\)"):
+    model.compile(keras.optimizers.SGD(LR), loss=loss, run_eagerly=BACKEND == "jax")
+    with pytest.raises(_label_range_error(), match=r"labels` in \[0, 5\)"):
         model.fit(x, y, batch_size=len(x), verbose=0)
+
+
+def _label_range_error():
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.errors.InvalidArgumentError
+    return ValueError
