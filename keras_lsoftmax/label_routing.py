@@ -14,7 +14,6 @@ a scratch graph, so this works for Sequential, functional and subclassed
 models alike; the trace is cached per model and input structure.
 """
 
-import contextlib
 import weakref
 from typing import Any
 
@@ -111,32 +110,16 @@ def _head_paths(model: keras.Model, x: Any) -> tuple[dict, Any]:
         found: list = []
 
         def probe(x):
-            with _readable_variables(model), _HeadProbe() as scope:
+            with _HeadProbe() as scope:
                 y_pred = model(x, training=True)
             found.append(_output_paths(scope.records, y_pred))
             return keras.ops.zeros(())
 
         # Traced for its structure only: the step's own trace, the model's
         # state and its random generators are left untouched.
-        tracing.trace_only(probe, x)
+        tracing.trace_only(probe, x, model.variables)
         cache[key] = found[0]
     return cache[key]
-
-
-def _readable_variables(model: keras.Model) -> Any:
-    """A scope in which the probe can read every variable of `model`.
-
-    During `fit` and `evaluate` on JAX, Keras moves the variables' values
-    into the step's state and leaves the variables empty; the probe, traced
-    for shapes only, reads zeros of the same shapes instead.
-    """
-    if keras.backend.backend() != "jax":
-        return contextlib.nullcontext()
-    return keras.StatelessScope(
-        state_mapping=[
-            (v, keras.ops.zeros(v.shape, v.dtype)) for v in model.variables
-        ]
-    )
 
 
 def _output_paths(records: list, y_pred: Any) -> tuple[dict, Any]:

@@ -7,6 +7,7 @@ import keras
 from keras_lsoftmax.backend import BACKEND
 from keras_lsoftmax.layers import find_lsoftmax_layers
 from keras_lsoftmax.margin_step import LatestValue
+from keras_lsoftmax.margin_step import check_targets
 
 if BACKEND == "tensorflow":
     from keras_lsoftmax.backend.tensorflow.trainer import MarginTrainer
@@ -73,6 +74,20 @@ class MarginTrainingMixin(MarginTrainer):
         force = force or schedules != self._traced_lambda_schedules
         self._traced_lambda_schedules = schedules
         return super().make_train_function(force=force)
+
+    # Keras builds the compiled loss and metrics on a first batch before the
+    # first step (also under a tf.distribute strategy); without labels it
+    # would fail there with an error of its own, not one that says what is
+    # missing.
+    def compute_loss(
+        self, x: Any = None, y: Any = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        check_targets(y)
+        return super().compute_loss(x, y, *args, **kwargs)
+
+    def compute_metrics(self, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+        check_targets(y)
+        return super().compute_metrics(x, y, *args, **kwargs)
 
     @property
     def metrics(self) -> list[keras.metrics.Metric]:

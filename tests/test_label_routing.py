@@ -241,11 +241,6 @@ class TwoHeadNet(keras_lsoftmax.Model):
 # TwoHeadNet.call takes no `training` argument. On JAX, Keras' stateless
 # forward pass then runs the layers with training=None, and the head trains
 # on plain logits.
-@pytest.mark.xfail(
-    BACKEND == "jax",
-    reason="JAX trainer: no margin when the model's call has no `training`",
-    strict=True,
-)
 def test_unbuilt_subclassed_model_with_dict_outputs():
     x, y, y_aux = _data(seed=5)
     keras.utils.set_random_seed(11)

@@ -1,5 +1,11 @@
 """The margin train and test steps on JAX (stateless, `jax.value_and_grad`).
 
+The forward pass calls the model itself (`self(x, training=...)`) inside a
+`keras.StatelessScope` that maps every variable to this step's state, as
+Keras's own JAX step does through `stateless_call`; calling the model, not
+its `call`, sets the training mode of every layer, also for a subclassed
+model whose `call` takes no `training` argument.
+
 Everything the heads record inside the differentiated function is a tracer
 of that trace, so it leaves only through the function's auxiliary output:
 the plain predictions and the λ and θ values are computed inside it.
@@ -20,53 +26,29 @@ from keras_lsoftmax.margin_step import update_metrics
 class MarginTrainer:
     """`train_step` and `test_step` of `MarginTrainingMixin` on JAX."""
 
-    # Before the first step Keras builds the compiled loss and metrics on a
-    # batch; without labels it would fail there with an error of its own
-    # rather than the one that says what is missing.
-    def compute_loss(
-        self, x: Any = None, y: Any = None, *args: Any, **kwargs: Any
-    ) -> Any:
-        check_targets(y)
-        return super().compute_loss(x, y, *args, **kwargs)
-
-    def compute_metrics(
-        self, x: Any, y: Any, *args: Any, **kwargs: Any
-    ) -> Any:
-        check_targets(y)
-        return super().compute_metrics(x, y, *args, **kwargs)
-
     def train_step(self, state: tuple, data: Any) -> tuple[dict, tuple]:
         trainable, non_trainable, optimizer_vars, metrics_vars = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         check_targets(y)
-        step = _iterations(self.optimizer, optimizer_vars)
 
         def loss_fn(trainable: list) -> tuple:
-            with model_label_scope(self, x, y, step) as scope:
-                loss, aux = self.compute_loss_and_updates(
-                    trainable,
-                    non_trainable,
-                    metrics_vars,
-                    x,
-                    y,
-                    sample_weight,
-                    training=True,
-                    optimizer_variables=optimizer_vars,
-                )
-            unscaled_loss, y_pred, new_non_trainable, new_metrics = aux
-            extras = (
-                plain_predictions(y_pred, scope.records),
-                margin_values(self, scope.records),
+            return _forward(
+                self,
+                (trainable, non_trainable, metrics_vars, optimizer_vars),
+                x,
+                y,
+                sample_weight,
+                training=True,
             )
-            return loss, (unscaled_loss, extras, new_non_trainable, new_metrics)
 
-        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        unscaled_loss, (y_pred, margin), non_trainable, metrics_vars = aux
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, aux), grads = grad_fn(trainable)
+        loss, y_pred, margin, non_trainable, metrics_vars = aux
         trainable, optimizer_vars = self.optimizer.stateless_apply(
             optimizer_vars, grads, trainable
         )
         logs, metrics_vars = _stateless_metrics(
-            self, metrics_vars, x, y, y_pred, sample_weight, unscaled_loss, margin
+            self, metrics_vars, x, y, y_pred, sample_weight, loss, margin
         )
         return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
 
@@ -74,28 +56,69 @@ class MarginTrainer:
         trainable, non_trainable, metrics_vars = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         check_targets(y)
-        with model_label_scope(self, x, y) as scope:
-            _, aux = self.compute_loss_and_updates(
-                trainable,
-                non_trainable,
-                metrics_vars,
-                x,
-                y,
-                sample_weight,
-                training=False,
-            )
-        unscaled_loss, y_pred, non_trainable, metrics_vars = aux
-        logs, metrics_vars = _stateless_metrics(
+        _, aux = _forward(
             self,
-            metrics_vars,
+            (trainable, non_trainable, metrics_vars, None),
             x,
             y,
-            y_pred,
             sample_weight,
-            unscaled_loss,
-            margin_values(self, scope.records),
+            training=False,
+        )
+        loss, y_pred, margin, non_trainable, metrics_vars = aux
+        logs, metrics_vars = _stateless_metrics(
+            self, metrics_vars, x, y, y_pred, sample_weight, loss, margin
         )
         return logs, (trainable, non_trainable, metrics_vars)
+
+
+def _forward(
+    model: keras.Model,
+    state: tuple,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    training: bool,
+) -> tuple[Any, tuple]:
+    """The (scaled) loss and, as auxiliary output, what the step reports.
+
+    Returns `(scaled_loss, (loss, plain predictions, margin values, new
+    non-trainable values, new metrics values))`.
+    """
+    trainable, non_trainable, metrics_vars, optimizer_vars = state
+    groups = [
+        (model.trainable_variables, trainable),
+        (model.non_trainable_variables, non_trainable),
+        (model.metrics_variables, metrics_vars),
+    ]
+    step = None
+    if optimizer_vars is not None:
+        groups.append((model.optimizer.variables, optimizer_vars))
+        step = _iterations(model.optimizer, optimizer_vars)
+    mapping = [pair for variables, values in groups for pair in zip(variables, values)]
+    with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+        with model_label_scope(model, x, y, step) as labels:
+            y_pred = model(x, training=training)
+        loss = model.compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+        scaled_loss = model.optimizer.scale_loss(loss) if training else loss
+    aux = (
+        loss,
+        plain_predictions(y_pred, labels.records),
+        margin_values(model, labels.records),
+        _values(scope, model.non_trainable_variables),
+        _values(scope, model.metrics_variables),
+    )
+    return scaled_loss, aux
+
+
+def _values(scope: keras.StatelessScope, variables: list) -> list:
+    """The values of `variables` at the end of `scope`."""
+    values = []
+    for variable in variables:
+        value = scope.get_current_value(variable)
+        values.append(variable.value if value is None else value)
+    return values
 
 
 def _iterations(optimizer: Any, optimizer_vars: list) -> Any:
@@ -118,11 +141,5 @@ def _stateless_metrics(
 ) -> tuple[dict, list]:
     mapping = list(zip(model.metrics_variables, metrics_vars))
     with keras.StatelessScope(state_mapping=mapping) as scope:
-        logs = update_metrics(
-            model, x, y, y_pred, sample_weight, loss, margin
-        )
-    new_vars = []
-    for variable in model.metrics_variables:
-        value = scope.get_current_value(variable)
-        new_vars.append(variable.value if value is None else value)
-    return logs, new_vars
+        logs = update_metrics(model, x, y, y_pred, sample_weight, loss, margin)
+    return logs, _values(scope, model.metrics_variables)

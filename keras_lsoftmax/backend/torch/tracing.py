@@ -6,7 +6,11 @@ import keras
 import torch
 
 
-def trace_only(fn: Any, x: Any) -> None:
-    """Runs `fn(x)` once without gradients or state changes."""
+def trace_only(fn: Any, x: Any, variables: list) -> None:
+    """Runs `fn(x)` once without gradients or state changes.
+
+    `variables` hold their values on PyTorch: they are read as they are.
+    """
+    del variables
     with torch.no_grad(), keras.StatelessScope():
         fn(x)

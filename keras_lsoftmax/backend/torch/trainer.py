@@ -16,21 +16,6 @@ from keras_lsoftmax.margin_step import update_metrics
 class MarginTrainer:
     """`train_step` and `test_step` of `MarginTrainingMixin` on PyTorch."""
 
-    # Before the first step Keras builds the compiled loss and metrics on a
-    # batch; without labels it would fail there with an error of its own
-    # rather than the one that says what is missing.
-    def compute_loss(
-        self, x: Any = None, y: Any = None, *args: Any, **kwargs: Any
-    ) -> Any:
-        check_targets(y)
-        return super().compute_loss(x, y, *args, **kwargs)
-
-    def compute_metrics(
-        self, x: Any, y: Any, *args: Any, **kwargs: Any
-    ) -> Any:
-        check_targets(y)
-        return super().compute_metrics(x, y, *args, **kwargs)
-
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         check_targets(y)
