@@ -95,7 +95,9 @@ class _HeadProbe(label_scope):
     """Records which head gives which output, with placeholder labels."""
 
     def __init__(self):
-        super().__init__(labels=())
+        # A placeholder step too: on JAX the optimizer's counter is empty
+        # while `fit` runs, and the trace needs no λ value.
+        super().__init__(labels=(), step=0)
 
     def labels_for(self, layer: Any, inputs: Any) -> tuple[Any, int | None]:
         rows = keras.ops.shape(inputs)[0]

@@ -374,7 +374,9 @@ class _AttachedSchedule:
 def _unit_rows(kernel: Any) -> Any:
     """`kernel` with every row scaled to unit norm (zero rows stay zero)."""
     squares = keras.ops.sum(keras.ops.square(kernel), axis=1, keepdims=True)
-    return kernel * keras.ops.rsqrt(keras.ops.maximum(squares, 1e-12))
+    # clip, not maximum: on PyTorch, Keras's type promotion gives float32
+    # for two float64 operands, which would round a float64 kernel's norms.
+    return kernel * keras.ops.rsqrt(keras.ops.clip(squares, 1e-12, math.inf))
 
 
 def find_lsoftmax_layers(root: Any) -> list[LSoftmaxDense]:

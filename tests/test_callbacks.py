@@ -14,6 +14,7 @@ from keras_lsoftmax.callbacks import LambdaScheduler
 from keras_lsoftmax.layers import find_lsoftmax_layers
 from tests.datasets import random_classification
 
+BACKEND = keras.backend.backend()
 D, C = 6, 3  # features, classes
 N, BATCH = 32, 8  # 4 steps per epoch
 STEPS_PER_EPOCH = N // BATCH
@@ -37,10 +38,11 @@ def _data(seed=0):
     return random_classification(N, D, C, seed)
 
 
-def _model(steps_per_execution=1, head_name="head", counter=False):
+def _model(steps_per_execution=1, head_name="head", traced=False):
+    """A compiled model; `traced`: with a TraceCounter, and jit on JAX."""
     keras.utils.set_random_seed(0)
     layers = [keras.Input((D,)), keras.layers.Dense(8, activation="relu")]
-    if counter:
+    if traced:
         layers.append(TraceCounter())
     layers.append(
         LSoftmaxDense(C, margin=2, initial_lambda=1.0, name=head_name)
@@ -50,9 +52,26 @@ def _model(steps_per_execution=1, head_name="head", counter=False):
         optimizer=keras.optimizers.SGD(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps_per_execution=steps_per_execution,
-        jit_compile=False,
+        # TensorFlow always traces the train function (tf.function; no XLA,
+        # so that CPU and GPU runs trace alike). JAX traces it only under
+        # jit, for the tests about traced steps; eagerly it runs these few
+        # steps faster. PyTorch runs eagerly.
+        jit_compile=BACKEND == "jax" and traced,
     )
     return model
+
+
+def _fit(model, epochs=1, callbacks=()):
+    x, y = _data()
+    return model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=list(callbacks),
+    )
 
 
 def _lam(layer):
@@ -64,7 +83,10 @@ def _f32(value):
 
 
 class Probe(keras.callbacks.Callback):
-    """Records λ and the optimizer step after each batch and epoch."""
+    """Records (step, λ) after each batch and (traces, λ) after each epoch.
+
+    λ is read after the batch: a `LambdaSchedule` sets it inside the step.
+    """
 
     def __init__(self, layer):
         super().__init__()
@@ -72,28 +94,25 @@ class Probe(keras.callbacks.Callback):
         self.batches = []
         self.epochs = []
 
+    def _step_and_lambda(self):
+        # Reading `self.model` first puts the state of a running JAX `fit`
+        # back into the variables.
+        model = self.model
+        return int(np.asarray(model.optimizer.iterations)), _lam(self.layer)
+
     def on_train_batch_end(self, batch, logs=None):
-        step = int(np.asarray(self.model.optimizer.iterations))
-        self.batches.append((step, _lam(self.layer)))
+        self.batches.append(self._step_and_lambda())
 
     def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append((TRACES["count"], _lam(self.layer)))
+        _, lam = self._step_and_lambda()
+        self.epochs.append((TRACES["count"], lam))
 
 
 def test_step_mode_follows_the_optimizer_step():
     model = _model()
     head = model.get_layer("head")
     probe = Probe(head)
-    x, y = _data()
-    history = model.fit(
-        x,
-        y,
-        batch_size=BATCH,
-        epochs=2,
-        shuffle=False,
-        verbose=0,
-        callbacks=[LambdaScheduler(FAST), probe],
-    )
+    history = _fit(model, epochs=2, callbacks=[LambdaScheduler(FAST), probe])
     n = 2 * STEPS_PER_EPOCH
     assert int(model.optimizer.iterations) == n
     # Batch k (1-based) ran with λ = schedule(k): the first step uses t = 1.
@@ -104,21 +123,14 @@ def test_step_mode_follows_the_optimizer_step():
     )
 
 
+@pytest.mark.tensorflow
+@pytest.mark.jax  # the backends that trace (see `_model`)
 def test_lambda_changes_do_not_retrace():
-    model = _model(counter=True)
+    model = _model(traced=True)
     head = model.get_layer("head")
     probe = Probe(head)
-    x, y = _data()
     TRACES["count"] = 0
-    model.fit(
-        x,
-        y,
-        batch_size=BATCH,
-        epochs=3,
-        shuffle=False,
-        verbose=0,
-        callbacks=[LambdaScheduler(FAST), probe],
-    )
+    _fit(model, epochs=3, callbacks=[LambdaScheduler(FAST), probe])
     counts = [count for count, _ in probe.epochs]
     lambdas = [lam for _, lam in probe.epochs]
     assert counts[0] >= 1
@@ -127,6 +139,72 @@ def test_lambda_changes_do_not_retrace():
     assert lambdas[-1] == _f32(FAST(3 * STEPS_PER_EPOCH))
 
 
+@pytest.mark.tensorflow
+@pytest.mark.jax  # the backends that trace (see `_model`)
+def test_schedule_stays_attached_and_a_second_fit_does_not_retrace():
+    model = _model(traced=True)
+    head = model.get_layer("head")
+    scheduler = LambdaScheduler(FAST)
+    _fit(model, callbacks=[scheduler])
+    assert head.lambda_schedule is FAST
+    traces = TRACES["count"]
+    probe = Probe(head)
+    _fit(model, callbacks=[scheduler, probe])
+    assert TRACES["count"] == traces
+    # The schedule goes on from the optimizer's step.
+    steps = range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1)
+    assert probe.batches == [(k, _f32(FAST(k))) for k in steps]
+
+
+def test_set_lambda_after_a_scheduled_fit_detaches_the_schedule():
+    model = _model(traced=True)
+    head = model.get_layer("head")
+    _fit(model, callbacks=[LambdaScheduler(FAST)])
+    head.set_lambda(2.5)
+    assert head.lambda_schedule is None
+    probe = Probe(head)
+    history = _fit(model, callbacks=[probe])
+    # A train function traced with the schedule would still move λ.
+    steps = range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1)
+    assert probe.batches == [(k, 2.5) for k in steps]
+    assert history.history["lsoftmax_lambda"] == [2.5]
+
+
+def test_custom_loop_follows_the_attached_schedule():
+    model = _model()
+    head = model.get_layer("head")
+    _fit(model, callbacks=[LambdaScheduler(FAST)])
+    x, y = _data()
+    iterations = model.optimizer.iterations
+    for step in range(STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH + 4):
+        with keras_lsoftmax.label_scope(y[:BATCH]) as scope:
+            model(x[:BATCH], training=True)
+        # λ = schedule(iterations + 1), read from the optimizer's counter.
+        assert _lam(head) == _f32(FAST(step))
+        assert float(np.asarray(scope.records[0].lam)) == _f32(FAST(step))
+        # What the optimizer step of a real loop does to the counter.
+        iterations.assign_add(1)
+
+
+def test_python_callable_runs_on_the_host_before_each_batch():
+    calls = []
+
+    def schedule(step):
+        calls.append(step)
+        return 100.0 / step
+
+    model = _model()
+    head = model.get_layer("head")
+    probe = Probe(head)
+    _fit(model, callbacks=[LambdaScheduler(schedule), probe])
+    assert calls == list(range(1, STEPS_PER_EPOCH + 1))
+    assert head.lambda_schedule is None
+    expected = [(k, _f32(100.0 / k)) for k in range(1, STEPS_PER_EPOCH + 1)]
+    assert probe.batches == expected
+
+
+@pytest.mark.tensorflow
+@pytest.mark.jax  # PyTorch allows steps_per_execution=1 only
 def test_python_callable_and_steps_per_execution():
     calls = []
 
@@ -136,16 +214,7 @@ def test_python_callable_and_steps_per_execution():
 
     model = _model(steps_per_execution=2)
     head = model.get_layer("head")
-    x, y = _data()
-    model.fit(
-        x,
-        y,
-        batch_size=BATCH,
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        callbacks=[LambdaScheduler(schedule)],
-    )
+    _fit(model, callbacks=[LambdaScheduler(schedule)])
     # 4 steps in 2 executions: λ is set before each execution only.
     assert calls == [1, 3]
     assert int(model.optimizer.iterations) == 4
@@ -155,17 +224,19 @@ def test_python_callable_and_steps_per_execution():
 def test_epoch_mode(capsys):
     model = _model()
     head = model.get_layer("head")
-    x, y = _data()
+    probe = Probe(head)
     schedule = schedules.ExponentialDecay(8.0, 0.5)
-    history = model.fit(
-        x,
-        y,
-        batch_size=BATCH,
+    history = _fit(
+        model,
         epochs=3,
-        verbose=0,
-        callbacks=[LambdaScheduler(schedule, unit="epoch", verbose=1)],
+        callbacks=[LambdaScheduler(schedule, unit="epoch", verbose=1), probe],
     )
-    assert history.history["lsoftmax_lambda"] == [8.0, 4.0, 2.0]
+    # Every step of epoch e (0-based) ran with λ = schedule(e).
+    per_epoch = [8.0, 4.0, 2.0]
+    assert [lam for _, lam in probe.batches] == [
+        lam for lam in per_epoch for _ in range(STEPS_PER_EPOCH)
+    ]
+    assert history.history["lsoftmax_lambda"] == per_epoch
     assert _lam(head) == 2.0
     out = capsys.readouterr().out
     assert "Epoch 1: LambdaScheduler setting lambda to 8." in out
@@ -173,16 +244,7 @@ def test_epoch_mode(capsys):
 
 
 def test_step_mode_verbose(capsys):
-    model = _model()
-    x, y = _data()
-    model.fit(
-        x,
-        y,
-        batch_size=BATCH,
-        epochs=1,
-        verbose=0,
-        callbacks=[LambdaScheduler(FAST, verbose=1)],
-    )
+    _fit(_model(), callbacks=[LambdaScheduler(FAST, verbose=1)])
     expected = f"{float(FAST(STEPS_PER_EPOCH)):.6g}"
     assert (
         f"Epoch 1: LambdaScheduler lambda is {expected} (step 4)."

@@ -8,6 +8,8 @@ import pytest
 
 import keras_lsoftmax
 from keras_lsoftmax import LSoftmaxDense
+from keras_lsoftmax import ops
+from keras_lsoftmax import schedules
 from keras_lsoftmax.label_scope import current_label_scope
 
 label_scope = keras_lsoftmax.label_scope
@@ -15,6 +17,11 @@ label_scope = keras_lsoftmax.label_scope
 B, D, UNITS = 4, 3, 3
 LABELS = np.array([0, 1, 2, 0])
 OTHER = np.array([2, 2, 1, 1])
+
+
+def _np(tensor):
+    # Also for PyTorch tensors that require grad, which NumPy cannot read.
+    return keras.ops.convert_to_numpy(tensor)
 
 
 @pytest.fixture
@@ -57,21 +64,27 @@ def test_innermost_scope_wins(layer, x):
         with label_scope(LABELS) as inner:
             out = layer(x, training=True)
         assert current_label_scope() is outer
-    np.testing.assert_array_equal(out, layer(x, labels=LABELS, training=True))
+    np.testing.assert_array_equal(
+        _np(out), _np(layer(x, labels=LABELS, training=True))
+    )
     assert len(inner.records) == 1 and outer.records == []
 
 
 def test_explicit_labels_take_precedence(layer, x):
     with label_scope(OTHER) as scope:
         out = layer(x, labels=LABELS, training=True)
-    np.testing.assert_array_equal(out, layer(x, labels=LABELS, training=True))
-    np.testing.assert_array_equal(scope.records[0].labels, LABELS)
+    np.testing.assert_array_equal(
+        _np(out), _np(layer(x, labels=LABELS, training=True))
+    )
+    np.testing.assert_array_equal(_np(scope.records[0].labels), LABELS)
 
 
 def test_inference_inside_scope_gives_plain_logits(layer, x):
     with label_scope(LABELS) as scope:
         out = layer(x, training=False)
-    np.testing.assert_allclose(out, x @ layer.kernel.numpy().T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        _np(out), x @ _np(layer.kernel).T, rtol=1e-6, atol=1e-6
+    )
     # Evaluation still records (plain) targets and cos θ for metrics.
     assert len(scope.records) == 1
 
@@ -81,6 +94,29 @@ def test_one_record_per_call(layer, x):
         layer(x, training=True)
         layer(x, training=True)
     assert len(scope.records) == 2
+
+
+def test_step_drives_an_attached_schedule(layer, x):
+    schedule = schedules.InverseDecay(1000.0, 0.05, 1.0)
+    iterations = keras.Variable(0, dtype="int32", trainable=False)
+    layer.attach_lambda_schedule(schedule, iterations)
+    # λ = schedule(step + 1), the step given to the scope ...
+    with label_scope(LABELS, step=41) as scope:
+        out = layer(x, training=True)
+    lam = float(schedule(42))
+    assert _np(layer.lambda_) == np.float32(lam)
+    assert _np(scope.records[0].lam) == np.float32(lam)
+    np.testing.assert_allclose(
+        _np(out),
+        _np(ops.lsoftmax_logits(x, _np(layer.kernel), LABELS, 4, lam)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    # ... or, without one, the counter attached with the schedule.
+    iterations.assign(9)
+    with label_scope(LABELS):
+        layer(x, training=True)
+    assert _np(layer.lambda_) == np.float32(float(schedule(10)))
 
 
 def test_scope_is_thread_local(layer, x):

@@ -1,10 +1,11 @@
 """Tests of `keras_lsoftmax.LSoftmaxDense`.
 
 Covers constructor validation, the weights and their (units, input_dim)
-layout, plain versus margin logits, label formats, λ handling under
-`tf.function`, serialization, normalized weights (with a finite-difference
-check of the kernel gradient) and a unit-norm constraint, mixed precision and
-labels handed over by `keras_lsoftmax.label_scope`.
+layout, plain versus margin logits, label formats, λ handling (and, on
+TensorFlow, under `tf.function`), serialization, normalized weights (with a
+finite-difference check of the kernel gradient) and a unit-norm constraint,
+mixed precision and labels handed over by `keras_lsoftmax.label_scope`.
+Every test but the `tf.function` one runs on each Keras backend.
 """
 
 import json
@@ -13,12 +14,12 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_lsoftmax
 from keras_lsoftmax import LSoftmaxDense
 from keras_lsoftmax import ops
 from tests import numpy_reference as ref
+from tests.backend_utils import gradients
 
 B, D, UNITS = 6, 4, 3
 # Repeated labels, every class present.
@@ -37,8 +38,41 @@ def _layer(**kwargs):
     return layer
 
 
+def _np(tensor):
+    # Also for PyTorch tensors that require grad, which NumPy cannot read.
+    return keras.ops.convert_to_numpy(tensor)
+
+
 def _kernel(layer):
-    return layer.kernel.numpy()
+    return _np(layer.kernel)
+
+
+def _lam(layer):
+    return _np(layer.lambda_)
+
+
+def _training_logits(layer, x, kernel):
+    """The layer's margin logits on `x` (labels LABELS) with `kernel`."""
+    # Stateless, so the backend's autodiff sees the kernel as an input.
+    out, _ = layer.stateless_call(
+        [kernel], [layer.lambda_.value], x, labels=LABELS, training=True
+    )
+    return out
+
+
+def _kernel_gradient(layer, x, loss, kernel=None):
+    """`loss(margin logits)` and its gradient w.r.t. the kernel.
+
+    Args:
+        loss: a function of the logits; the gradient is that of the sum of
+            its output.
+        kernel: the kernel to use, by default the layer's own.
+    """
+    kernel = _kernel(layer) if kernel is None else kernel
+    value, (grad,) = gradients(
+        lambda kernel: loss(_training_logits(layer, x, kernel)), kernel
+    )
+    return value, grad
 
 
 def _unit_rows(w):
@@ -88,15 +122,15 @@ def test_weights():
     assert tuple(layer.lambda_.shape) == ()
     assert layer.lambda_.dtype == "float32"
     assert not layer.lambda_.trainable
-    assert layer.lambda_.numpy() == 2.5
+    assert _lam(layer) == 2.5
 
 
 def test_lambda_exists_before_build():
     # A scheduler may set λ before the first call builds the layer.
     layer = LSoftmaxDense(UNITS, initial_lambda=7.0)
-    assert layer.lambda_.numpy() == 7.0
+    assert _lam(layer) == 7.0
     layer.set_lambda(3.0)
-    assert layer.lambda_.numpy() == 3.0
+    assert _lam(layer) == 3.0
 
 
 @pytest.mark.parametrize(
@@ -111,7 +145,7 @@ def test_seeded_initializer_gives_the_transposed_dense_kernel(initializer):
     )
     dense.build((None, D))
     assert tuple(dense.kernel.shape) == (D, UNITS)
-    np.testing.assert_array_equal(_kernel(layer), dense.kernel.numpy().T)
+    np.testing.assert_array_equal(_kernel(layer), _np(dense.kernel).T)
 
 
 # ------------------------------------------------------------------- call
@@ -127,8 +161,8 @@ def test_plain_logits_without_labels_or_outside_training():
         layer(x, labels=LABELS),
         layer(x, labels=LABELS, training=False),
     ):
-        assert out.dtype == "float32"
-        np.testing.assert_allclose(out, plain, rtol=1e-6, atol=1e-6)
+        assert keras.backend.standardize_dtype(out.dtype) == "float32"
+        np.testing.assert_allclose(_np(out), plain, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
@@ -136,17 +170,17 @@ def test_plain_logits_without_labels_or_outside_training():
 def test_margin_logits_in_training(margin, lam):
     layer = _layer(margin=margin, initial_lambda=lam)
     x = _inputs(margin)
-    out = layer(x, labels=LABELS, training=True)
+    out = _np(layer(x, labels=LABELS, training=True))
     expected = ops.lsoftmax_logits(x, _kernel(layer), LABELS, margin, lam)
-    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, _np(expected), rtol=1e-6, atol=1e-6)
     # ... and the margin is really there (except for m = 1).
     reference = ref.lsoftmax_ref(x, _kernel(layer), LABELS, margin, lam)
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
-    # Compared with a tolerance: TF and NumPy float32 matmuls need not agree
-    # to the last bit, even for m = 1.
+    # Compared with a tolerance: the backend's and NumPy's float32 matmuls
+    # need not agree to the last bit, even for m = 1.
     rows = np.arange(B)
     plain = (x @ _kernel(layer).T)[rows, LABELS]
-    changed = np.abs(out.numpy()[rows, LABELS] - plain) > 1e-5
+    changed = np.abs(out[rows, LABELS] - plain) > 1e-5
     if margin > 1:
         assert changed.all()
     else:
@@ -162,7 +196,7 @@ def test_margin_logits_in_training(margin, lam):
         LABELS.astype(np.int64)[:, None],
         np.eye(UNITS, dtype=np.float32)[LABELS],
         np.eye(UNITS, dtype=np.int32)[LABELS],
-        tf.constant(LABELS, tf.int64),
+        keras.ops.convert_to_tensor(LABELS, "int64"),
     ],
     ids=[
         "B-int32",
@@ -177,8 +211,10 @@ def test_margin_logits_in_training(margin, lam):
 def test_label_formats_give_identical_outputs(labels):
     layer = _layer(margin=3)
     x = _inputs()
-    expected = layer(x, labels=LABELS.astype(np.int32), training=True)
-    np.testing.assert_array_equal(layer(x, labels=labels, training=True), expected)
+    expected = _np(layer(x, labels=LABELS.astype(np.int32), training=True))
+    np.testing.assert_array_equal(
+        _np(layer(x, labels=labels, training=True)), expected
+    )
 
 
 @pytest.mark.parametrize(
@@ -206,8 +242,8 @@ def test_compute_output_shape_and_time_distributed():
     outputs = wrapped(x)
     assert outputs.shape == (2, 3, UNITS)
     np.testing.assert_allclose(
-        outputs.numpy(),
-        x @ layer.kernel.numpy().T,
+        _np(outputs),
+        x @ _kernel(layer).T,
         rtol=1e-5,
         atol=1e-6,
     )
@@ -231,15 +267,16 @@ def test_rejects_inputs_of_wrong_rank():
         np.float32(2.0),
         np.array(2.5),
         np.array([1.5]),
-        tf.constant(4.0),
-        tf.constant(7, tf.int64),
+        keras.ops.convert_to_tensor(4.0),
+        keras.ops.convert_to_tensor(7, "int64"),
         keras.ops.convert_to_tensor(0.5),
     ],
 )
 def test_set_lambda(value):
     layer = _layer()
     layer.set_lambda(value)
-    assert layer.lambda_.numpy() == np.float32(np.asarray(value).reshape(()))
+    expected = np.float32(np.asarray(_np(value)).reshape(()))
+    assert _lam(layer) == expected
 
 
 def test_set_lambda_takes_a_schedule_output():
@@ -249,7 +286,7 @@ def test_set_lambda_takes_a_schedule_output():
     )
     layer.set_lambda(schedule(10))
     np.testing.assert_allclose(
-        layer.lambda_.numpy(), 1000.0 / 4.0, rtol=1e-6, atol=1e-6
+        _lam(layer), 1000.0 / 4.0, rtol=1e-6, atol=1e-6
     )
 
 
@@ -263,8 +300,8 @@ def test_set_lambda_takes_a_schedule_output():
         "1",
         True,
         np.array([1.0, 2.0]),
-        tf.constant(-2.0),
-        tf.constant([1.0, 2.0]),
+        keras.ops.convert_to_tensor(-2.0),
+        keras.ops.convert_to_tensor([1.0, 2.0]),
         None,
     ],
 )
@@ -272,10 +309,13 @@ def test_set_lambda_rejects_invalid_values(value):
     layer = _layer(initial_lambda=0.5)
     with pytest.raises(ValueError, match=r">= 0"):
         layer.set_lambda(value)
-    assert layer.lambda_.numpy() == 0.5
+    assert _lam(layer) == 0.5
 
 
+@pytest.mark.tensorflow  # counts tf.function traces
 def test_lambda_changes_do_not_retrace():
+    import tensorflow as tf
+
     layer = _layer(margin=4)
     x, kernel = _inputs(), _kernel(layer)
 
@@ -303,7 +343,7 @@ def test_lambda_changes_do_not_retrace():
             out, ops.lsoftmax_logits(x, kernel, LABELS, 4, lam), rtol=1e-6, atol=1e-6
         )
     assert assign_and_forward.experimental_get_tracing_count() == 1
-    assert layer.lambda_.numpy() == 10.0
+    assert _lam(layer) == 10.0
 
 
 # ---------------------------------------------------------- serialization
@@ -336,11 +376,12 @@ def test_config_round_trip():
     assert clone.kernel_constraint.axis == 1
     clone.build((None, D))
     clone.set_weights(layer.get_weights())
-    assert clone.lambda_.numpy() == 0.75
+    assert _lam(clone) == 0.75
     x = _inputs()
-    np.testing.assert_array_equal(clone(x), layer(x))
+    np.testing.assert_array_equal(_np(clone(x)), _np(layer(x)))
     np.testing.assert_array_equal(
-        clone(x, labels=LABELS, training=True), layer(x, labels=LABELS, training=True)
+        _np(clone(x, labels=LABELS, training=True)),
+        _np(layer(x, labels=LABELS, training=True)),
     )
 
 
@@ -367,10 +408,10 @@ def test_normalized_weights_forward():
     layer.kernel.assign(_kernel(layer) * scale)
     x = _inputs()
     w_hat = _unit_rows(_kernel(layer))
-    np.testing.assert_allclose(layer(x), x @ w_hat.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(layer(x)), x @ w_hat.T, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
-        layer(x, labels=LABELS, training=True),
-        ops.lsoftmax_logits(x, w_hat, LABELS, 4, 0.5),
+        _np(layer(x, labels=LABELS, training=True)),
+        _np(ops.lsoftmax_logits(x, w_hat, LABELS, 4, 0.5)),
         rtol=1e-5,
         atol=1e-6,
     )
@@ -395,38 +436,40 @@ def test_normalized_weights_kernel_gradient(margin):
     )
     layer.build((None, D))
 
+    def weighted(out):
+        return keras.ops.multiply(out, upstream)
+
+    _, grad = _kernel_gradient(layer, x, weighted, w)
+    # JAX computes in float32 unless its x64 mode is on.
+    tol = 1e-10 if grad.dtype == np.float64 else 1e-5
+
+    # Central differences, one kernel entry at a time, of the float64 NumPy
+    # reference on the normalised kernel.
     def loss(kernel):
-        layer.kernel.assign(kernel)
-        out = layer(x, labels=LABELS, training=True)
-        return tf.reduce_sum(out * upstream)
+        w_hat = _unit_rows(kernel)
+        return np.sum(ref.lsoftmax_ref(x, w_hat, LABELS, margin, 0.5) * upstream)
 
-    with tf.GradientTape() as tape:
-        value = loss(w)
-    grad = tape.gradient(value, layer.kernel).numpy()
-
-    # Central differences, one kernel entry at a time (float64).
     delta = 1e-6
     numeric = np.zeros_like(w)
     for index in np.ndindex(*w.shape):
         step = np.zeros_like(w)
         step[index] = delta
-        numeric[index] = (loss(w + step) - loss(w - step)).numpy() / (2 * delta)
+        numeric[index] = (loss(w + step) - loss(w - step)) / (2 * delta)
     np.testing.assert_allclose(
-        grad, numeric, rtol=0, atol=1e-6 * np.max(np.abs(numeric))
+        grad, numeric, rtol=0, atol=max(tol, 1e-6) * np.max(np.abs(numeric))
     )
 
     # The same as the chain rule through Ŵ = W/‖W‖ on the op's own gradient.
     norms = np.linalg.norm(w, axis=1, keepdims=True)
-    w_hat = tf.constant(w / norms)
-    with tf.GradientTape() as tape:
-        tape.watch(w_hat)
-        inner = tf.reduce_sum(
-            ops.lsoftmax_logits(x, w_hat, LABELS, margin, 0.5) * upstream
-        )
-    g_hat = tape.gradient(inner, w_hat).numpy()
-    w_hat = w_hat.numpy()
+    w_hat = w / norms
+    _, (g_hat,) = gradients(
+        lambda w_hat: weighted(
+            ops.lsoftmax_logits(x, w_hat, LABELS, margin, 0.5)
+        ),
+        w_hat,
+    )
     chain = (g_hat - w_hat * np.sum(w_hat * g_hat, axis=1, keepdims=True)) / norms
-    np.testing.assert_allclose(grad, chain, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad, chain, rtol=tol, atol=tol * 1e-2)
 
 
 def test_normalized_weights_zero_row_stays_finite():
@@ -435,25 +478,27 @@ def test_normalized_weights_zero_row_stays_finite():
     kernel[1] = 0.0
     layer.kernel.assign(kernel)
     x = _inputs()
-    with tf.GradientTape() as tape:
-        out = layer(x, labels=LABELS, training=True)
-        loss = tf.reduce_sum(out)
-    grad = tape.gradient(loss, layer.kernel)
+    out, grad = _kernel_gradient(layer, x, lambda out: out)
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(grad))
-    np.testing.assert_array_equal(out.numpy()[:, 1], 0.0)
+    np.testing.assert_array_equal(out[:, 1], 0.0)
 
 
 def test_unit_norm_constraint_keeps_class_rows_at_unit_norm():
     layer = _layer(margin=4, kernel_constraint=keras.constraints.UnitNorm(axis=1))
     before = _kernel(layer)
     x = _inputs()
-    with tf.GradientTape() as tape:
-        out = layer(x, labels=LABELS, training=True)
-        loss = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(LABELS, out)
-        )
-    grad = tape.gradient(loss, layer.kernel).numpy()
-    keras.optimizers.SGD(0.5).apply([grad], [layer.kernel])
+    _, grad = _kernel_gradient(
+        layer,
+        x,
+        lambda out: keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(
+                LABELS, out, from_logits=True
+            )
+        ),
+    )
+    keras.optimizers.SGD(0.5).apply(
+        [keras.ops.convert_to_tensor(grad)], [layer.kernel]
+    )
     # The constraint projects the SGD step onto unit rows ...
     kernel = _kernel(layer)
     np.testing.assert_allclose(
@@ -487,20 +532,19 @@ def test_mixed_precision_outputs_float32(mixed_policy):
     x = _inputs()
     plain = layer(x)
     out = layer(x, labels=LABELS, training=True)
-    assert plain.dtype == "float32" and out.dtype == "float32"
+    for tensor in (plain, out):
+        assert keras.backend.standardize_dtype(tensor.dtype) == "float32"
     assert layer.kernel.dtype == "float32"
     assert layer.lambda_.dtype == "float32"
-    kernel = _kernel(layer)
+    plain, out, kernel = _np(plain), _np(out), _kernel(layer)
     # Only the features may be rounded to half precision on the way in.
-    expected = ops.lsoftmax_logits(x, kernel, LABELS, 4, 0.0).numpy()
+    expected = _np(ops.lsoftmax_logits(x, kernel, LABELS, 4, 0.0))
     tol = 5e-3 if mixed_policy == "mixed_float16" else 3e-2
     scale = np.max(np.abs(expected))
     np.testing.assert_allclose(out, expected, rtol=0, atol=tol * scale)
     np.testing.assert_allclose(plain, x @ kernel.T, rtol=0, atol=tol * scale)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(layer(x, labels=LABELS, training=True))
-    grad = tape.gradient(loss, layer.kernel)
-    assert grad.dtype == "float32" and np.all(np.isfinite(grad))
+    _, grad = _kernel_gradient(layer, x, lambda out: out)
+    assert grad.dtype == np.float32 and np.all(np.isfinite(grad))
 
 
 # ------------------------------------------------------------- label_scope
@@ -512,16 +556,19 @@ def test_label_scope_hands_labels_to_the_layer():
     x = _inputs()
     with label_scope(LABELS) as scope:
         out = layer(x, training=True)
-    np.testing.assert_array_equal(out, layer(x, labels=LABELS, training=True))
+    np.testing.assert_array_equal(
+        _np(out), _np(layer(x, labels=LABELS, training=True))
+    )
     assert len(scope.records) == 1
     record = scope.records[0]
     assert record.layer is layer
-    np.testing.assert_array_equal(record.outputs, out)
-    np.testing.assert_array_equal(record.labels, LABELS)
+    np.testing.assert_array_equal(_np(record.outputs), _np(out))
+    np.testing.assert_array_equal(_np(record.labels), LABELS)
     _, _, dot, cos = ref.target_geometry(x, _kernel(layer), LABELS)
     plain = x @ _kernel(layer).T
+    plain_target = _np(record.plain_target)
     np.testing.assert_allclose(
-        record.plain_target, plain[np.arange(B), LABELS], rtol=1e-5, atol=1e-6
+        plain_target, plain[np.arange(B), LABELS], rtol=1e-5, atol=1e-6
     )
-    np.testing.assert_allclose(record.plain_target, dot, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(record.cos_theta, cos, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain_target, dot, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(record.cos_theta), cos, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,6 @@ from decimal import Decimal
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_lsoftmax  # noqa: F401 (registers the serializable classes)
 from keras_lsoftmax import schedules
@@ -119,25 +118,30 @@ def test_step_types_and_output(schedule):
         1000,
         1000.0,
         np.int64(1000),
-        tf.constant(1000),
-        tf.constant(1000, tf.int64),
-        tf.constant(1000.0),
+        keras.ops.convert_to_tensor(1000),
+        keras.ops.convert_to_tensor(1000, "int64"),
+        keras.ops.convert_to_tensor(1000.0),
         keras.Variable(1000, dtype="int64", trainable=False),
     ):
         value = schedule(step)
         assert keras.ops.dtype(value) == "float32"
         assert tuple(value.shape) == ()
         assert float(value) == pytest.approx(expected, rel=1e-6, abs=1e-7)
-    steps = tf.constant([1, 1000, 5000], tf.int64)
-    values = np.asarray(schedule(steps))
+    steps = [1, 1000, 5000]
+    values = keras.ops.convert_to_numpy(
+        schedule(keras.ops.convert_to_tensor(steps, "int64"))
+    )
     assert values.shape == (3,)
     np.testing.assert_allclose(
-        values, [float(schedule(int(s))) for s in steps], rtol=1e-6, atol=1e-7
+        values, [float(schedule(s)) for s in steps], rtol=1e-6, atol=1e-7
     )
 
 
+@pytest.mark.tensorflow  # counts tf.function traces
 @pytest.mark.parametrize("schedule", ALL_SCHEDULES, ids=repr)
 def test_inside_tf_function(schedule):
+    import tensorflow as tf
+
     iterations = tf.Variable(0, dtype=tf.int64)
 
     @tf.function
@@ -153,6 +157,26 @@ def test_inside_tf_function(schedule):
     assert float(tf.function(schedule)(tf.constant(1000))) == pytest.approx(
         float(schedule(1000)), rel=1e-6, abs=1e-7
     )
+
+
+@pytest.mark.jax  # counts jax.jit traces
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES, ids=repr)
+def test_inside_jax_jit(schedule):
+    import jax
+
+    traces = []
+
+    @jax.jit
+    def at(step):
+        traces.append(step)
+        return schedule(step)
+
+    steps = (1, 2, 1000)
+    traced = [float(at(jax.numpy.asarray(t, "int32"))) for t in steps]
+    assert traced == pytest.approx(
+        [float(schedule(t)) for t in steps], rel=1e-6, abs=1e-7
+    )
+    assert len(traces) == 1
 
 
 @pytest.mark.parametrize("schedule", ALL_SCHEDULES, ids=repr)
