@@ -40,3 +40,23 @@ def compute_dtype(*dtypes: Any) -> str:
 def thresholds(margin: int) -> list[float]:
     """cos(jπ/m) for j = 1..m−1: the bounds of the intervals k of ψ."""
     return [math.cos(j * math.pi / margin) for j in range(1, margin)]
+
+
+def chebyshev_psi(c: Any, k: Any, margin: int) -> tuple[Any, Any]:
+    """ψ and its derivative from clipped cosines `c` and their intervals `k`.
+
+    P(c) = (−1)^k T_m(c) − 2k and P'(c) = (−1)^k m U_{m−1}(c), with T and U
+    the Chebyshev polynomials of the first and second kind. Only arithmetic
+    operators are used, so `c` and `k` (float, same shape) may be arrays of
+    any backend.
+    """
+    # T and U share the recurrence v_{n+1} = 2c·v_n − v_{n−1}, from
+    # (T_0, T_1) = (1, c) and (U_{−1}, U_0) = (0, 1).
+    two_c = 2.0 * c
+    t_previous, t = 1.0, c
+    u_previous, u = 0.0, 1.0
+    for _ in range(margin - 1):
+        t_previous, t = t, two_c * t - t_previous
+        u_previous, u = u, two_c * u - u_previous
+    sign = 1.0 - 2.0 * (k % 2.0)
+    return sign * t - 2.0 * k, sign * float(margin) * u

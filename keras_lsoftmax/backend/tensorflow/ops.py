@@ -9,6 +9,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from keras_lsoftmax.backend.common import chebyshev_psi
 from keras_lsoftmax.backend.common import check_lambda_number
 from keras_lsoftmax.backend.common import check_margin
 from keras_lsoftmax.backend.common import compute_dtype as _dtype_name
@@ -28,38 +29,12 @@ except ImportError:
 
 
 def psi(cos_theta: Any, margin: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """The paper's margin function ψ and its derivative, as functions of cos θ.
-
-    ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]. It is computed as
-    P(c) = (−1)^k T_m(c) − 2k with c = cos θ, the Chebyshev polynomial T_m and
-    k the number of thresholds cos(jπ/m), j = 1..m−1, that c does not exceed,
-    so no arccosine is taken. P is continuous and decreasing in θ, with
-    P(1) = 1 and P(−1) = 1 − 2m.
-
-    Args:
-        cos_theta: float tensor of cosines, any shape; values outside
-            [−1, 1] are clipped.
-        margin: the integer margin m ≥ 1.
-
-    Returns:
-        A pair `(P(c), P'(c))` with P'(c) = (−1)^k m U_{m−1}(c), U the
-        Chebyshev polynomial of the second kind; both have the shape and dtype
-        of `cos_theta`.
-    """
+    """ψ and its derivative; see `keras_lsoftmax.ops.psi`."""
     margin = check_margin(margin)
     c = tf.clip_by_value(tf.convert_to_tensor(cos_theta), -1.0, 1.0)
-    # T and U share the recurrence v_{n+1} = 2c·v_n − v_{n−1}: run it once
-    # on both, from (T_0, U_{−1}) = (1, 0) and (T_1, U_0) = (c, 1).
-    two_c = 2.0 * c
-    previous = tf.stack([tf.ones_like(c), tf.zeros_like(c)])
-    current = tf.stack([c, tf.ones_like(c)])
-    for _ in range(margin - 1):
-        previous, current = current, two_c * current - previous
-    t, u = tf.unstack(current)
     below = c[..., None] <= tf.constant(thresholds(margin), c.dtype)
     k = tf.reduce_sum(tf.cast(below, c.dtype), axis=-1)
-    sign = 1.0 - 2.0 * tf.math.floormod(k, 2.0)
-    return sign * t - 2.0 * k, sign * float(margin) * u
+    return chebyshev_psi(c, k, margin)
 
 
 def compute_dtype(*dtypes: tf.DType) -> tf.DType:
