@@ -101,16 +101,10 @@ def margin_logits(
     lam: Any,
     valid: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`lsoftmax_logits` plus, per sample, the plain target logit and cos θ.
+    """See `keras_lsoftmax.ops.margin_logits`.
 
-    `valid`, an optional float mask (B,), scales each row's margin: rows
-    with 0 keep their plain logits and get the plain gradient.
-
-    `labels` must already be int32 class ids checked by `check_labels`. The
-    two extra outputs (shape (B,)) carry no gradient; the layer uses them for
-    metrics on plain logits and for logging θ. A λ given as an array or a
-    variable is not checked for λ ≥ 0: that would need its value on the host
-    at every call.
+    A λ given as an array or a variable is not checked for λ ≥ 0: that would
+    need its value on the host at every call.
     """
     margin = check_margin(margin)
     inputs, kernel = _to_array(inputs), _to_array(kernel)

@@ -103,15 +103,7 @@ def margin_logits(
     lam: Any,
     valid: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`lsoftmax_logits` plus, per sample, the plain target logit and cos θ.
-
-    `valid`, an optional float mask (B,), scales each row's margin: rows
-    with 0 keep their plain logits and get the plain gradient.
-
-    `labels` must already be int32 class ids checked by `check_labels`. The
-    two extra outputs (shape (B,)) carry no gradient; the layer uses them for
-    metrics on plain logits and for logging θ.
-    """
+    """See `keras_lsoftmax.ops.margin_logits`."""
     margin = check_margin(margin)
     x, w = _operands(inputs, kernel, check_shapes=True)
     labels = _to_tensor(labels, x.device)
