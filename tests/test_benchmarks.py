@@ -346,6 +346,10 @@ def _check_scheduler_rows(rows, backend):
         )
 
 
+# Once, from the default (TensorFlow) run: each runs the script in a
+# subprocess with `--backend`; the JAX and PyTorch suites time their own
+# backend in process with the tests above.
+@pytest.mark.tensorflow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_bench_head_runs_on_backend(tmp_path, backend):
     # torch.compile takes minutes on a small CPU: eager only here, the
@@ -378,6 +382,10 @@ def test_bench_head_compiled_with_memory_probe(tmp_path, backend):
             assert r["peak_bytes"] is not None and r["peak_bytes"] >= 0
 
 
+# Once, from the default (TensorFlow) run: each runs the script in a
+# subprocess with `--backend`; the JAX and PyTorch suites time their own
+# backend in process with the tests above.
+@pytest.mark.tensorflow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_bench_fit_runs_on_backend(tmp_path, backend):
     data = _run_script(
@@ -396,6 +404,10 @@ def test_bench_fit_runs_on_backend(tmp_path, backend):
         assert math.isfinite(r["ratio_to_dense"]) and r["ratio_to_dense"] > 0
 
 
+# Once, from the default (TensorFlow) run: each runs the script in a
+# subprocess with `--backend`; the JAX and PyTorch suites time their own
+# backend in process with the tests above.
+@pytest.mark.tensorflow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_bench_fit_scheduler_overhead_on_backend(tmp_path, backend):
     data = _run_script(tmp_path, "bench_fit.py", backend, _SCHEDULER_TINY)

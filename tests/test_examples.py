@@ -66,6 +66,9 @@ def _run(script, *args, cwd):
     return completed.stdout
 
 
+# The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
+# once, from the default run.
+@pytest.mark.tensorflow
 def test_features_2d_smoke(mnist_npz, tmp_path):
     out = tmp_path / "fig2"
     stdout = _run(
@@ -84,6 +87,9 @@ def test_features_2d_smoke(mnist_npz, tmp_path):
     assert "wrote" in stdout and "m=4: test accuracy" in stdout
 
 
+# The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
+# once, from the default run.
+@pytest.mark.tensorflow
 def test_margin_comparison_smoke(mnist_npz, tmp_path):
     out = tmp_path / "cmp"
     stdout = _run(
@@ -110,6 +116,9 @@ def test_margin_comparison_smoke(mnist_npz, tmp_path):
     assert runs[2]["final_lambda"] >= 0.0
 
 
+# The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
+# once, from the default run.
+@pytest.mark.tensorflow
 def test_margin_comparison_validation_never_reads_the_test_set(tmp_path):
     # A data file whose test split is unusable: --validation must not touch it.
     path = tmp_path / "mnist.npz"
@@ -133,6 +142,9 @@ def test_margin_comparison_validation_never_reads_the_test_set(tmp_path):
     )
 
 
+# The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
+# once, from the default run.
+@pytest.mark.tensorflow
 def test_cifar10_smoke(cifar_npz, tmp_path):
     out = tmp_path / "cifar"
     _run(
