@@ -197,7 +197,12 @@ class LSoftmaxDense(keras.layers.Layer):
     def _transposed_initializer(self, shape: tuple, dtype: Any = None) -> Any:
         units, input_dim = shape
         dense_kernel = self.kernel_initializer((input_dim, units), dtype=dtype)
-        return keras.ops.transpose(dense_kernel)
+        # A new row-major array, not a transposed view: PyTorch would keep
+        # the view's strides in the variable, and every step would then read
+        # and update the kernel column by column (1.3 to 1.7 times a Dense
+        # step at B = 256, D = 512 on CPU).
+        transposed = keras.ops.transpose(dense_kernel)
+        return np.ascontiguousarray(keras.ops.convert_to_numpy(transposed))
 
     def set_lambda(self, value: Any) -> None:
         """Assigns λ after checking that it is a finite float ≥ 0.
@@ -263,9 +268,9 @@ class LSoftmaxDense(keras.layers.Layer):
 
         `LambdaScheduler` attaches a schedule and the optimizer's step
         counter; the step then computes λ = schedule(step + 1) itself, so
-        nothing waits on the host. A value that is not finite and >= 0
-        leaves λ unchanged (the callback reports it at the end of the
-        epoch).
+        nothing waits on the host. A value that is not >= 0 (NaN included)
+        leaves λ unchanged; the callback reports it at the end of the epoch.
+        λ = ∞ is allowed: it gives the plain logits.
         """
         if self._lambda_schedule is None:
             return self.lambda_
@@ -276,11 +281,8 @@ class LSoftmaxDense(keras.layers.Layer):
             keras.ops.cast(step, "int32") + 1
         )
         value = keras.ops.cast(value, "float32")
-        valid = keras.ops.logical_and(
-            keras.ops.isfinite(value), keras.ops.greater_equal(value, 0.0)
-        )
         value = keras.ops.where(
-            valid, value, keras.ops.convert_to_tensor(self.lambda_)
+            value >= 0.0, value, keras.ops.convert_to_tensor(self.lambda_)
         )
         self.lambda_.assign(value)
         return value

@@ -572,3 +572,13 @@ def test_label_scope_hands_labels_to_the_layer():
     )
     np.testing.assert_allclose(plain_target, dot, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_np(record.cos_theta), cos, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.torch
+def test_kernel_is_row_major_on_torch():
+    # A transposed view would make every step read and update the kernel
+    # column by column.
+    layer = LSoftmaxDense(7)
+    layer.build((None, 5))
+    assert layer.kernel.value.is_contiguous()
+    assert tuple(layer.kernel.value.stride()) == (5, 1)
