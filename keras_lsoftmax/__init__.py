@@ -1,4 +1,4 @@
-"""Large-Margin Softmax (L-Softmax) for Keras 3 on TensorFlow."""
+"""Large-Margin Softmax (L-Softmax) for Keras 3 on TensorFlow, JAX and PyTorch."""
 
 from keras_lsoftmax import cloning  # noqa: F401 (wraps keras.models.clone_model)
 from keras_lsoftmax import ops
