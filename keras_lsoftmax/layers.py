@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from keras_lsoftmax import ops
+from keras_lsoftmax.backend import ops as backend_ops
 from keras_lsoftmax.label_scope import HeadRecord
 from keras_lsoftmax.label_scope import current_label_scope
 
@@ -197,12 +198,7 @@ class LSoftmaxDense(keras.layers.Layer):
     def _transposed_initializer(self, shape: tuple, dtype: Any = None) -> Any:
         units, input_dim = shape
         dense_kernel = self.kernel_initializer((input_dim, units), dtype=dtype)
-        # A new row-major array, not a transposed view: PyTorch would keep
-        # the view's strides in the variable, and every step would then read
-        # and update the kernel column by column (1.3 to 1.7 times a Dense
-        # step at B = 256, D = 512 on CPU).
-        transposed = keras.ops.transpose(dense_kernel)
-        return np.ascontiguousarray(keras.ops.convert_to_numpy(transposed))
+        return backend_ops.row_major(keras.ops.transpose(dense_kernel))
 
     def set_lambda(self, value: Any) -> None:
         """Assigns λ after checking that it is a finite float ≥ 0.

@@ -421,3 +421,8 @@ def with_plain_targets(
     index = target_index(labels)
     target = tf.gather_nd(logits, index)
     return _add_at(logits, index, tf.cast(plain_target, logits.dtype) - target)
+
+
+def row_major(t: tf.Tensor) -> tf.Tensor:
+    """`t` itself: TensorFlow tensors are always row-major."""
+    return t

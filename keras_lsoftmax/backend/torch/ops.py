@@ -280,3 +280,13 @@ def _to_tensor(value: Any, device: torch.device | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         value = keras.ops.convert_to_tensor(value)
     return value if device is None else value.to(device)
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """`t` in row-major memory.
+
+    A variable keeps the strides of its initial value: a transposed view
+    would make every step read and update the kernel column by column (1.3
+    to 1.7 times a Dense step at B = 256, D = 512 on CPU).
+    """
+    return t.contiguous()
