@@ -16,6 +16,24 @@ def check_margin(margin: Any) -> int:
     return margin
 
 
+def check_operand_shapes(inputs_shape: tuple, kernel_shape: tuple) -> None:
+    """Raises unless the shapes are (B, D) and (C, D) (None matches any)."""
+    inputs_shape, kernel_shape = tuple(inputs_shape), tuple(kernel_shape)
+    if len(inputs_shape) != 2 or len(kernel_shape) != 2:
+        raise ValueError(
+            "Expected `inputs` of shape (batch_size, input_dim) and `kernel` "
+            f"of shape (units, input_dim). Received: inputs with shape "
+            f"{inputs_shape}, kernel with shape {kernel_shape}"
+        )
+    last = (inputs_shape[1], kernel_shape[1])
+    if None not in last and last[0] != last[1]:
+        raise ValueError(
+            "The last dimension of `inputs` must equal the last of `kernel`. "
+            f"Received: inputs with shape {inputs_shape}, kernel with shape "
+            f"{kernel_shape}"
+        )
+
+
 def check_lambda_number(lam: Any) -> Any:
     """Raises if `lam` is a Python number that is not >= 0; returns it."""
     if isinstance(lam, (int, float)) and not isinstance(lam, bool):

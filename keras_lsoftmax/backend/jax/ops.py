@@ -19,6 +19,7 @@ import numpy as np
 from keras_lsoftmax.backend.common import chebyshev_psi
 from keras_lsoftmax.backend.common import check_lambda_number
 from keras_lsoftmax.backend.common import check_margin
+from keras_lsoftmax.backend.common import check_operand_shapes
 from keras_lsoftmax.backend.common import compute_dtype
 from keras_lsoftmax.backend.common import thresholds
 
@@ -108,18 +109,7 @@ def margin_logits(
     """
     margin = check_margin(margin)
     inputs, kernel = _to_array(inputs), _to_array(kernel)
-    if inputs.ndim != 2 or kernel.ndim != 2:
-        raise ValueError(
-            "Expected `inputs` of shape (batch_size, input_dim) and `kernel` "
-            f"of shape (units, input_dim). Received: inputs with shape "
-            f"{inputs.shape}, kernel with shape {kernel.shape}"
-        )
-    if inputs.shape[1] != kernel.shape[1]:
-        raise ValueError(
-            "The last dimension of `inputs` must equal the last of `kernel`. "
-            f"Received: inputs with shape {inputs.shape}, kernel with shape "
-            f"{kernel.shape}"
-        )
+    check_operand_shapes(inputs.shape, kernel.shape)
     dtype = compute_dtype(inputs.dtype, kernel.dtype)
     # Cast before the custom VJP: its cotangents must have the dtypes of its
     # inputs, and the cast's own transpose returns them in the caller's.

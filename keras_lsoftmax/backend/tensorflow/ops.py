@@ -12,6 +12,7 @@ import tensorflow as tf
 from keras_lsoftmax.backend.common import chebyshev_psi
 from keras_lsoftmax.backend.common import check_lambda_number
 from keras_lsoftmax.backend.common import check_margin
+from keras_lsoftmax.backend.common import check_operand_shapes
 from keras_lsoftmax.backend.common import compute_dtype as _dtype_name
 from keras_lsoftmax.backend.common import thresholds
 
@@ -135,18 +136,7 @@ def margin_logits(
     margin = check_margin(margin)
     inputs = tf.convert_to_tensor(inputs)
     kernel = tf.convert_to_tensor(kernel)
-    if inputs.shape.rank != 2 or kernel.shape.rank != 2:
-        raise ValueError(
-            "Expected `inputs` of shape (batch_size, input_dim) and `kernel` "
-            f"of shape (units, input_dim). Received: inputs with shape "
-            f"{inputs.shape}, kernel with shape {kernel.shape}"
-        )
-    if not inputs.shape[1:].is_compatible_with(kernel.shape[1:]):
-        raise ValueError(
-            "The last dimension of `inputs` must equal the last of `kernel`. "
-            f"Received: inputs with shape {inputs.shape}, kernel with shape "
-            f"{kernel.shape}"
-        )
+    check_operand_shapes(_dims(inputs.shape), _dims(kernel.shape))
     dtype = compute_dtype(inputs.dtype, kernel.dtype)
     inputs = tf.cast(inputs, dtype)
     kernel = tf.cast(kernel, dtype)
@@ -253,6 +243,11 @@ def _margin_forward(
     delta = (p - cos * dp) * inv
     saved = (a, b, alpha_minus_1, delta)
     return out, target, cos, saved if full_pass else saved + (w_y,)
+
+
+def _dims(shape: tf.TensorShape) -> tuple:
+    # An unknown rank reads as no dimensions, which the shape check rejects.
+    return tuple(shape) if shape.rank is not None else ()
 
 
 def _compile_forward(x: tf.Tensor, w: tf.Tensor) -> bool:

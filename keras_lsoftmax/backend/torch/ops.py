@@ -31,6 +31,7 @@ import torch
 from keras_lsoftmax.backend.common import chebyshev_psi
 from keras_lsoftmax.backend.common import check_lambda_number
 from keras_lsoftmax.backend.common import check_margin
+from keras_lsoftmax.backend.common import check_operand_shapes
 from keras_lsoftmax.backend.common import compute_dtype
 from keras_lsoftmax.backend.common import thresholds
 
@@ -226,24 +227,9 @@ def _operands(
     x = _to_tensor(inputs)
     w = _to_tensor(kernel, x.device)
     if check_shapes:
-        _check_shapes(x, w)
+        check_operand_shapes(x.shape, w.shape)
     dtype = getattr(torch, compute_dtype(x.dtype, w.dtype))
     return x.to(dtype), w.to(dtype)
-
-
-def _check_shapes(x: torch.Tensor, w: torch.Tensor) -> None:
-    if x.ndim != 2 or w.ndim != 2:
-        raise ValueError(
-            "Expected `inputs` of shape (batch_size, input_dim) and `kernel` "
-            f"of shape (units, input_dim). Received: inputs with shape "
-            f"{tuple(x.shape)}, kernel with shape {tuple(w.shape)}"
-        )
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(
-            "The last dimension of `inputs` must equal the last of `kernel`. "
-            f"Received: inputs with shape {tuple(x.shape)}, kernel with shape "
-            f"{tuple(w.shape)}"
-        )
 
 
 def _check_lambda(
