@@ -18,7 +18,7 @@ class MarginTrainer:
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         check_targets(y)
-        scope = model_label_scope(self, x, y, _iterations(self))
+        scope = model_label_scope(self, x, y)
         with tf.GradientTape() as tape:
             with scope:
                 y_pred = self(x, training=True)
@@ -85,11 +85,6 @@ class MarginTrainer:
             break
         with strategy.scope():
             self._symbolic_build(data_batch=data_batch)
-
-
-def _iterations(model: keras.Model) -> Any:
-    optimizer = getattr(model, "optimizer", None)
-    return None if optimizer is None else optimizer.iterations
 
 
 def _true_mean(loss: tf.Tensor) -> tf.Tensor:
