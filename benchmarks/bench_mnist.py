@@ -9,8 +9,10 @@ A B A B ... and the script reports median epoch times and their ratio.
 
 Usage:
 
-    python benchmarks/bench_mnist.py --data ../shared/data/mnist.npz \
-        --epochs 3 --out bench_mnist.json
+    python benchmarks/bench_mnist.py --epochs 3 --out bench_mnist.json
+
+Without `--data PATH` (a local copy of the keras.datasets file) MNIST is
+downloaded through `keras.datasets.mnist`.
 """
 
 import argparse

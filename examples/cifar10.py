@@ -42,7 +42,6 @@ GROUPS = [(64, 4), (96, 4), (128, 4)]
 ITERATIONS = 18000
 GAMMA = {False: 2e-5, True: 1e-5}  # CIFAR-10, CIFAR-10+ (authors' files)
 POWER = 45.0
-VALIDATION_SIZE = 5000
 
 
 def build_model(margin: int, decay: float) -> keras_lsoftmax.Model:
@@ -90,9 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lambda-min", type=float, default=0.0,
                         help="floor of λ; the authors advise 0.5 if training "
                         "diverges late (default: %(default)s)")
-    parser.add_argument("--validation", action="store_true",
-                        help=f"hold out {VALIDATION_SIZE} training images and "
-                        "report their error; the test set is not used")
+    common.add_validation_arg(parser)
     parser.add_argument("--mixed-precision", action="store_true",
                         help="mixed_float16 policy (GPU); the L-Softmax head "
                         "computes in float32 anyway")
@@ -109,9 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     train, test = common.load_cifar10(args.data)
-    split = "validation" if args.validation else "test"
+    split = common.split_name(args)
     train, test, (epochs, total_steps), out = common.prepare_run(
-        args, train, test, 1, VALIDATION_SIZE * args.validation
+        args, train, test, 1
     )
 
     common.seed_everything(args.seed)
@@ -138,7 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
             epochs=epochs,
             shuffle=False,  # the tf.data pipeline shuffles
             validation_data=(test[0], test[1]) if args.validation else None,
-            callbacks=common.lambda_callbacks(args.margin, schedule),
+            callbacks=[
+                *common.lambda_callbacks(args.margin, schedule),
+                common.Progress(epochs).run(common.margin_name(args.margin)),
+            ],
             verbose=args.verbose,
         )
     accuracy = model.evaluate(

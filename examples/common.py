@@ -33,6 +33,7 @@ SMALL_MNIST_GROUPS = [(16, 1), (32, 1), (64, 1)]
 
 SMOKE_TRAIN = 320
 SMOKE_TEST = 160
+VALIDATION_SIZE = 5000
 
 
 def example_parser(doc: str, dataset: str, name: str) -> argparse.ArgumentParser:
@@ -77,9 +78,10 @@ def _add_common_args(parser: argparse.ArgumentParser, dataset: str) -> None:
     parser.add_argument(
         "--verbose",
         type=int,
-        default=1,
+        default=0,
         choices=(0, 1, 2),
-        help="Keras verbosity: 1 progress bars, 2 one line per epoch, 0 quiet "
+        help="Keras verbosity: 1 progress bars, 2 one line per epoch, 0 only "
+        "the script's own line per epoch, with the time left "
         "(default: %(default)s)",
     )
 
@@ -110,6 +112,20 @@ def add_mnist_run_args(
                         "(default: %(default).3f, the authors' 8.7k/30k)")
     parser.add_argument("--lambda-min", type=float, default=lambda_min,
                         help="floor of λ (default: %(default)s)")
+
+
+def add_validation_arg(parser: argparse.ArgumentParser) -> None:
+    """Adds --validation: hold VALIDATION_SIZE training images out and
+    evaluate on them instead of the test set."""
+    parser.add_argument("--validation", action="store_true",
+                        help=f"hold out {VALIDATION_SIZE} training images and "
+                        "report on them; the test set is not used (for "
+                        "choosing a recipe)")
+
+
+def split_name(args) -> str:
+    """"validation" under --validation, else "test"."""
+    return "validation" if args.validation else "test"
 
 
 def _load_npz(path: str) -> tuple:
@@ -296,16 +312,22 @@ def head(units: int, margin: int, decay: float, name: str = "head"):
     )
 
 
-def fc_features(x, units: int, decay: float, prelu: bool = True):
-    """Flatten → FC `units` (no bias) → BN (→ PReLU): the feature layer the
-    head sees, named "features"."""
+def fc_features(
+    x, units: int, decay: float, prelu: bool = True, batch_norm: bool = True
+):
+    """Flatten → FC `units` → BN (→ PReLU): the feature layer the head sees,
+    named "features". Without `batch_norm` (and `prelu`) the FC has a bias
+    and is the feature layer itself."""
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dense(
         units,
-        use_bias=False,
+        use_bias=not batch_norm,
         kernel_initializer="he_normal",
         kernel_regularizer=weight_decay(decay) if decay else None,
+        name=None if batch_norm or prelu else "features",
     )(x)
+    if not batch_norm and not prelu:
+        return x
     if not prelu:
         return keras.layers.BatchNormalization(name="features")(x)
     x = keras.layers.BatchNormalization()(x)
@@ -315,26 +337,83 @@ def fc_features(x, units: int, decay: float, prelu: bool = True):
 
 
 def fit_classifier(
-    model, train: tuple, margin: int, schedule, steps: tuple, args
+    model, train: tuple, margin: int, schedule, steps: tuple, args,
+    progress: Progress | None = None,
 ) -> Timer:
     """Compiles `model` with the paper's SGD and step learning rate, and fits
     it on `train` for `steps` = (epochs, total_steps), with a
-    `LambdaScheduler(schedule)` for an L-Softmax head. Uses
-    `args.learning_rate`, `args.batch_size` and `args.verbose`; returns the
-    `Timer` of `fit`."""
+    `LambdaScheduler(schedule)` for an L-Softmax head and `progress`, if
+    given. Uses `args.learning_rate`, `args.batch_size` and `args.verbose`;
+    returns the `Timer` of `fit`."""
     epochs, total_steps = steps
     lr = step_learning_rate(total_steps, args.learning_rate)
     compile_classifier(model, sgd(lr))
+    callbacks = lambda_callbacks(margin, schedule)
+    if progress is not None:
+        callbacks.append(progress)
     with Timer() as timer:
         model.fit(
             train[0],
             train[1],
             batch_size=args.batch_size,
             epochs=epochs,
-            callbacks=lambda_callbacks(margin, schedule),
+            callbacks=callbacks,
             verbose=args.verbose,
         )
     return timer
+
+
+def format_duration(seconds: float) -> str:
+    """"1 h 05 min", "4 min 09 s" or "38 s"."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
+class Progress(keras.callbacks.Callback):
+    """Prints a line per epoch with the logs and the time left, for this fit
+    and for the whole script (every fit it makes, `total_epochs` in all).
+
+    One instance serves all the script's fits: name each with `run(name)`.
+    The time left is the mean epoch time so far times the epochs to go.
+
+    Args:
+        total_epochs: the epochs of all the script's fits together.
+    """
+
+    def __init__(self, total_epochs: int):
+        super().__init__()
+        self.total_epochs = total_epochs
+        self.epochs_done = 0
+        self.seconds = 0.0
+        self.name = ""
+
+    def run(self, name: str) -> Progress:
+        self.name = name
+        return self
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs_done += 1
+        self.seconds += time.perf_counter() - self.epoch_start
+        per_epoch = self.seconds / self.epochs_done
+        epochs = self.params["epochs"]
+        values = " · ".join(
+            f"{key} {value:.4g}" for key, value in (logs or {}).items()
+        )
+        print(
+            f"{self.name} · epoch {epoch + 1}/{epochs} · {values} · "
+            f"{format_duration(per_epoch)}/epoch · left: "
+            f"{format_duration(per_epoch * (epochs - epoch - 1))} this run, "
+            f"{format_duration(per_epoch * (self.total_epochs - self.epochs_done))}"
+            " in all",
+            flush=True,
+        )
 
 
 def evaluate_head(model, test: tuple, verbose: int) -> dict:
@@ -363,9 +442,17 @@ def evaluate_head(model, test: tuple, verbose: int) -> dict:
 
 
 def command_line(script: str, argv: list | None) -> str:
-    """The command that ran `script` with `argv` (None: `sys.argv[1:]`)."""
+    """The command that ran `script` with `argv` (None: `sys.argv[1:]`),
+    without `--data PATH`: the path is this machine's, and the same command
+    without it downloads the same dataset."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(["python", f"examples/{script}", *args])
+    kept = []
+    for arg in args:
+        if kept and kept[-1] == "--data":
+            kept.pop()
+        elif not arg.startswith("--data="):
+            kept.append(arg)
+    return " ".join(["python", f"examples/{script}", *kept])
 
 
 def lambda_callbacks(margin: int, schedule) -> list:
@@ -387,18 +474,16 @@ def train_length(
     return epochs, epochs * steps_per_epoch
 
 
-def prepare_run(
-    args, train: tuple, test: tuple, epochs: int, validation_size: int = 0
-) -> tuple:
+def prepare_run(args, train: tuple, test: tuple, epochs: int) -> tuple:
     """Applies --validation and --smoke; returns (train, test, steps, out).
 
-    `validation_size` > 0 holds that many training examples out as the
-    evaluation set. `steps` is `train_length`'s (epochs, total_steps), with
+    Under --validation, VALIDATION_SIZE training examples replace the test
+    set. `steps` is `train_length`'s (epochs, total_steps), with
     `args.iterations` overriding `epochs`; `out` is the created --out folder.
     """
     iterations = args.iterations
-    if validation_size:
-        train, test = validation_split(train, validation_size)
+    if args.validation:
+        train, test = validation_split(train, VALIDATION_SIZE)
     if args.smoke:
         train, test = smoke_subset(train, test)
         epochs, iterations = 1, None

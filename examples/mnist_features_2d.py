@@ -41,31 +41,49 @@ import common
 import keras_lsoftmax
 
 PAPER_GROUPS = [(32, 2), (64, 2), (128, 2)]
+DEFAULT_CHANNELS = tuple(c for c, _ in common.SMALL_MNIST_GROUPS)
 
 
-def build_model(margin: int, paper: bool, decay: float) -> keras_lsoftmax.Model:
-    """The CNN with a 2-unit feature layer named "features" and the head."""
+def build_model(
+    margin: int,
+    paper: bool,
+    decay: float,
+    feature_bn: bool = True,
+    channels: tuple = DEFAULT_CHANNELS,
+) -> keras_lsoftmax.Model:
+    """The CNN with a 2-unit feature layer named "features" and the head.
+
+    The default network has one 3×3 conv of `channels[i]` filters in group
+    i; `paper` selects the paper's network and ignores `channels`.
+    """
     inputs = keras.Input((28, 28, 1))
     if paper:
         groups, kernel_size = PAPER_GROUPS, 5
     else:
-        groups, kernel_size = common.SMALL_MNIST_GROUPS, 3
+        groups, kernel_size = [(c, 1) for c in channels], 3
     x = common.conv_stack(inputs, groups, decay, kernel_size)
-    features = common.fc_features(x, 2, decay, prelu=False)
+    features = common.fc_features(x, 2, decay, prelu=False, batch_norm=feature_bn)
     logits = common.head(10, margin, decay)(features)
     return keras_lsoftmax.Model(inputs, logits, name=f"fig2_m{margin}")
 
 
-def train_one(margin: int, args, train, test, steps: tuple) -> dict:
+def train_one(
+    margin: int, args, train, test, steps: tuple, progress: common.Progress
+) -> dict:
     """Trains the m = `margin` model; returns its features and numbers."""
     epochs, total_steps = steps
     common.seed_everything(args.seed)
-    model = build_model(margin, args.paper, args.weight_decay)
+    model = build_model(
+        margin, args.paper, args.weight_decay, not args.no_feature_bn,
+        args.channels,
+    )
     schedule = common.scaled_inverse_decay(
         total_steps, crossing=args.lambda_cross, minimum=args.lambda_min
     )
     print(f"\n=== m = {margin}: {epochs} epoch(s), {total_steps} steps ===")
-    timer = common.fit_classifier(model, train, margin, schedule, steps, args)
+    timer = common.fit_classifier(
+        model, train, margin, schedule, steps, args, progress.run(f"m={margin}")
+    )
     result = common.evaluate_head(model, test, args.verbose)
     return {
         "margin": margin,
@@ -163,12 +181,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_mnist_run_args(parser, lambda_min=1.0)
     parser.add_argument("--max-points", type=int, default=10000,
                         help="test points drawn per panel (default: %(default)s)")
+    common.add_validation_arg(parser)
+    parser.add_argument("--channels", type=int, nargs=3,
+                        default=list(DEFAULT_CHANNELS), metavar="C",
+                        help="filters of the default network's three 3×3 "
+                        "convs (default: %(default)s)")
+    parser.add_argument("--no-feature-bn", action="store_true",
+                        help="no BatchNorm on the 2-D features (the FC 2 "
+                        "gets a bias instead)")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's full Fig. 2 network (5×5 convs "
                         "32/64/128, two per group; slow on a CPU)")
     args = parser.parse_args(argv)
     if any(m < 1 for m in args.margins):
         parser.error("--margins must be positive integers (1 = softmax)")
+    if any(c < 1 for c in args.channels):
+        parser.error(f"--channels must be positive, got {args.channels}")
     return args
 
 
@@ -176,12 +204,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     train, test = common.load_mnist(args.data)
     train, test, steps, out = common.prepare_run(args, train, test, args.epochs)
-    results = [train_one(m, args, train, test, steps) for m in args.margins]
+    progress = common.Progress(steps[0] * len(args.margins))
+    results = [
+        train_one(m, args, train, test, steps, progress) for m in args.margins
+    ]
     png = os.path.join(out, "features_2d.png")
     plot(results, test[1], png, args.max_points)
     summary = {
         "command": common.command_line("mnist_features_2d.py", argv),
         "network": "paper Fig. 2" if args.paper else "shrunk (default)",
+        "split": common.split_name(args),
         "epochs": steps[0],
         "steps": steps[1],
         "train_images": int(len(train[1])),
@@ -195,10 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     for r in summary["results"]:
         print(
-            f"m={r['margin']}: test accuracy {100 * r['test_accuracy']:.2f}%, "
+            f"m={r['margin']}: {summary['split']} accuracy "
+            f"{100 * r['test_accuracy']:.2f}%, "
             f"intra-class angle {r['angles_deg']['intra']:.1f}°, "
-            f"min inter-class angle (weights) "
-            f"{r['angles_deg']['inter_weights']:.1f}°, "
+            f"min inter-class angle {r['angles_deg']['inter_means']:.1f}° "
+            f"(means), {r['angles_deg']['inter_weights']:.1f}° (weights), "
             f"final λ {r['final_lambda']:.3g}, "
             f"{r['train_seconds']:.0f} s"
         )

@@ -61,7 +61,6 @@ import common
 import keras_lsoftmax
 
 PAPER_GROUPS = [(64, 3), (64, 3), (64, 3)]
-VALIDATION_SIZE = 5000
 PAPER_ITERATIONS = 18000
 PAPER_GAMMA = 2.5e-5
 
@@ -92,7 +91,9 @@ def lambda_schedule(args, total_steps: int):
     )
 
 
-def run_one(margin: int, seed: int, args, train, test, steps) -> dict:
+def run_one(
+    margin: int, seed: int, args, train, test, steps, progress
+) -> dict:
     epochs, total_steps = steps
     common.seed_everything(seed)
     model = build_model(margin, args.paper, args.weight_decay)
@@ -101,7 +102,10 @@ def run_one(margin: int, seed: int, args, train, test, steps) -> dict:
         f"\n=== {common.margin_name(margin)}, seed {seed}: {epochs} "
         f"epoch(s), {total_steps} steps ==="
     )
-    timer = common.fit_classifier(model, train, margin, schedule, steps, args)
+    name = f"{common.margin_name(margin)}, seed {seed}"
+    timer = common.fit_classifier(
+        model, train, margin, schedule, steps, args, progress.run(name)
+    )
     evaluation = common.evaluate_head(model, test, args.verbose)
     result = {
         "head": common.margin_name(margin),
@@ -114,15 +118,11 @@ def run_one(margin: int, seed: int, args, train, test, steps) -> dict:
         "angles_deg": evaluation["angles_deg"],
     }
     print(
-        f"{result['head']}, seed {seed}: {split_name(args)} error "
+        f"{result['head']}, seed {seed}: {common.split_name(args)} error "
         f"{result['error_percent']:.2f}%, {timer.seconds:.0f} s "
         f"({timer.cpu_seconds:.0f} s CPU)"
     )
     return result
-
-
-def split_name(args) -> str:
-    return "validation" if args.validation else "test"
 
 
 def markdown_table(runs: list, margins: list, split: str) -> str:
@@ -151,6 +151,40 @@ def markdown_table(runs: list, margins: list, split: str) -> str:
     return "\n".join(lines)
 
 
+def paired_table(runs: list, margins: list, split: str) -> str:
+    """Each L-Softmax head against softmax (margin 0) on the same seeds.
+
+    A seed fixes the initialization and the batch order, so the per-seed
+    difference removes the part of the spread they cause. t is the paired
+    t statistic, mean / (std / sqrt(n)); with 3 seeds |t| > 4.30 is needed
+    for a two-sided 5% test. Empty without a softmax run.
+    """
+    softmax = {r["seed"]: r["error_percent"] for r in runs if r["margin"] == 0}
+    if not softmax:
+        return ""
+    lines = [
+        f"| head | Δ {split} error vs softmax, per seed (points) | mean Δ ± "
+        "std | lower error than softmax on | paired t |",
+        "|---|---|---|---|---|",
+    ]
+    for margin in margins:
+        group = [r for r in runs if r["margin"] == margin and r["seed"] in softmax]
+        if margin == 0 or not group:
+            continue
+        deltas = np.array([r["error_percent"] - softmax[r["seed"]] for r in group])
+        mean, std = common.mean_std(deltas)
+        t = mean / (std / np.sqrt(len(deltas))) if std > 0 else float("nan")
+        lines.append(
+            f"| {group[0]['head']} | "
+            + ", ".join(f"{d:+.2f}" for d in deltas)
+            + f" | {common.format_mean_std(deltas)} | "
+            f"{int((deltas < 0).sum())} of {len(deltas)} seeds | "
+            + ("–" if np.isnan(t) else f"{t:+.2f}")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = common.example_parser(__doc__, "mnist", "mnist_margin_comparison")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
@@ -162,9 +196,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lambda-gamma", type=float, default=None,
                         help="use this gamma instead of scaling it with "
                         "--lambda-cross (--paper: 2.5e-5)")
-    parser.add_argument("--validation", action="store_true",
-                        help=f"hold out {VALIDATION_SIZE} training images and "
-                        "report their error; the test set is not used")
+    common.add_validation_arg(parser)
     parser.add_argument("--paper", action="store_true",
                         help="the paper's MNIST network and schedule (18k "
                         "iterations, InverseDecay(1000, 2.5e-5, 35)); for a GPU")
@@ -182,12 +214,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     train, test = common.load_mnist(args.data)
-    split = split_name(args)
+    split = common.split_name(args)
     train, test, steps, out = common.prepare_run(
-        args, train, test, args.epochs, VALIDATION_SIZE * args.validation
+        args, train, test, args.epochs
+    )
+    progress = common.Progress(
+        steps[0] * len(args.margins) * len(args.seeds)
     )
     runs = [
-        run_one(margin, seed, args, train, test, steps)
+        run_one(margin, seed, args, train, test, steps, progress)
         for margin in args.margins
         for seed in args.seeds
     ]
@@ -213,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
         "",
     ]
     table = markdown_table(runs, args.margins, split)
+    paired = paired_table(runs, args.margins, split)
     text = "\n".join(header) + "\n" + table + "\n"
+    if paired:
+        text += "\nSeed-paired comparison with softmax:\n\n" + paired + "\n"
     print("\n" + text)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)

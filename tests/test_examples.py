@@ -85,6 +85,47 @@ def test_features_2d_smoke(mnist_npz, tmp_path):
         assert 0.0 <= result["test_accuracy"] <= 1.0
         assert 0.0 <= result["angles_deg"]["intra"] <= 180.0
     assert "wrote" in stdout and "m=4: test accuracy" in stdout
+    assert "m=4 · epoch 1/1 · " in stdout and "0 s in all" in stdout
+
+
+def _broken_test_split(path):
+    """An MNIST-format .npz whose test split is empty: a script that reads it
+    under --validation fails."""
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (5400, 28, 28), dtype=np.uint8),
+        y_train=(np.arange(5400) % 10).astype("uint8"),
+        x_test=np.zeros((0, 28, 28), dtype=np.uint8),
+        y_test=np.zeros((0,), dtype=np.uint8),
+    )
+    return str(path)
+
+
+# The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
+# once, from the default run.
+@pytest.mark.tensorflow
+def test_features_2d_validation_without_feature_bn(examples_module, tmp_path):
+    out = tmp_path / "val"
+    stdout = _run(
+        "mnist_features_2d.py", "--data",
+        _broken_test_split(tmp_path / "mnist.npz"), "--smoke", "--validation",
+        "--no-feature-bn", "--margins", "1", "--out", str(out), cwd=tmp_path,
+    )
+    summary = json.loads((out / "features_2d.json").read_text())
+    assert summary["split"] == "validation"
+    assert "m=1: validation accuracy" in stdout
+
+    import keras
+
+    model = examples_module("mnist_features_2d").build_model(
+        1, False, 0.0, feature_bn=False
+    )
+    assert isinstance(model.get_layer("features"), keras.layers.Dense)
+    assert not any(
+        isinstance(layer, keras.layers.BatchNormalization)
+        for layer in model.layers[-3:]
+    )
 
 
 # The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
@@ -114,25 +155,22 @@ def test_margin_comparison_smoke(mnist_npz, tmp_path):
                                           "inter_weights"}
     assert runs[0]["final_lambda"] is None
     assert runs[2]["final_lambda"] >= 0.0
+    deltas = [runs[i]["error_percent"] - runs[i - 2]["error_percent"]
+              for i in (2, 3)]
+    assert "\n| L-Softmax m=4 | " + ", ".join(f"{d:+.2f}" for d in deltas) + (
+        " | "
+    ) in table
+    assert "softmax, seed 1 · epoch 1/1 · " in stdout
 
 
 # The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
 # once, from the default run.
 @pytest.mark.tensorflow
 def test_margin_comparison_validation_never_reads_the_test_set(tmp_path):
-    # A data file whose test split is unusable: --validation must not touch it.
-    path = tmp_path / "mnist.npz"
-    rng = np.random.default_rng(0)
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (5400, 28, 28), dtype=np.uint8),
-        y_train=(np.arange(5400) % 10).astype("uint8"),
-        x_test=np.zeros((0, 28, 28), dtype=np.uint8),
-        y_test=np.zeros((0,), dtype=np.uint8),
-    )
     out = tmp_path / "val"
     stdout = _run(
-        "mnist_margin_comparison.py", "--data", str(path), "--smoke",
+        "mnist_margin_comparison.py", "--data",
+        _broken_test_split(tmp_path / "mnist.npz"), "--smoke",
         "--validation", "--seeds", "0", "--margins", "2", "--out", str(out),
         "--verbose", "0", cwd=tmp_path,
     )
@@ -183,7 +221,8 @@ def examples_module(monkeypatch):
     "script, flags",
     [
         ("mnist_features_2d", ["--data", "--seed", "--out", "--smoke",
-                               "--margins", "--paper"]),
+                               "--margins", "--paper", "--validation",
+                               "--no-feature-bn"]),
         ("mnist_margin_comparison", ["--data", "--seeds", "--out", "--smoke",
                                      "--validation", "--paper",
                                      "--lambda-min"]),
@@ -236,3 +275,66 @@ def test_angle_stats(examples_module):
     assert stats["intra"] == pytest.approx(10.0, rel=1e-6, abs=1e-6)
     assert stats["inter_means"] == pytest.approx(90.0, rel=1e-6, abs=1e-6)
     assert stats["inter_weights"] == pytest.approx(45.0, rel=1e-6, abs=1e-6)
+
+
+def test_paired_table(examples_module):
+    comparison = examples_module("mnist_margin_comparison")
+    runs = [
+        {"head": comparison.common.margin_name(m), "margin": m, "seed": s,
+         "error_percent": e}
+        for m, s, e in [(0, 0, 0.80), (0, 1, 0.90), (0, 2, 0.70),
+                        (4, 0, 0.70), (4, 1, 0.70), (4, 2, 0.70),
+                        (2, 0, 0.80), (2, 1, 0.90)]
+    ]
+    rows = comparison.paired_table(runs, [0, 2, 4], "test").splitlines()
+    assert rows[0].startswith("| head | Δ test error vs softmax")
+    # m = 2 only ran seeds 0 and 1: equal to softmax on both.
+    assert rows[2] == (
+        "| L-Softmax m=2 | +0.00, +0.00 | 0.00 ± 0.00 | 0 of 2 seeds | – |"
+    )
+    # Deltas -0.1, -0.2, 0: mean -0.1, std 0.1, t = -0.1 / (0.1 / √3).
+    assert rows[3] == (
+        "| L-Softmax m=4 | -0.10, -0.20, +0.00 | -0.10 ± 0.10 | 2 of 3 seeds "
+        "| -1.73 |"
+    )
+    assert comparison.paired_table(runs[3:6], [4], "test") == ""
+
+
+def test_format_duration(examples_module):
+    common = examples_module("common")
+    assert common.format_duration(38.4) == "38 s"
+    assert common.format_duration(249) == "4 min 09 s"
+    assert common.format_duration(3900) == "1 h 05 min"
+
+
+def test_progress_prints_each_epoch_with_the_time_left(
+    examples_module, capsys
+):
+    common = examples_module("common")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    progress = common.Progress(total_epochs=5)
+    x, y = np.zeros((8, 3), "float32"), np.zeros((8, 2), "float32")
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[progress.run("first")])
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[progress.run("second")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" · ")[:2] for line in lines] == [
+        ["first", "epoch 1/2"], ["first", "epoch 2/2"],
+        ["second", "epoch 1/3"], ["second", "epoch 2/3"],
+        ["second", "epoch 3/3"],
+    ]
+    assert lines[0].split(" · ")[2] == "loss 0"
+    assert lines[-1].endswith("left: 0 s this run, 0 s in all")
+    assert progress.epochs_done == 5
+
+
+def test_command_line_leaves_out_the_local_data_path(examples_module):
+    common = examples_module("common")
+    argv = ["--data", "/home/me/mnist.npz", "--seeds", "0", "--data=x.npz",
+            "--out", "docs"]
+    assert common.command_line("run.py", argv) == (
+        "python examples/run.py --seeds 0 --out docs"
+    )
