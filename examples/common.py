@@ -27,10 +27,6 @@ AUTHORS_BASE = 1000.0
 AUTHORS_POWER = 35.0
 AUTHORS_CROSSING = 8700.0 / 30000.0
 
-# The CPU-sized MNIST trunk shared by the MNIST examples: one 3×3 conv per
-# group (BN + PReLU), a 2×2 max pool after each group.
-SMALL_MNIST_GROUPS = [(16, 1), (32, 1), (64, 1)]
-
 SMOKE_TRAIN = 320
 SMOKE_TEST = 160
 VALIDATION_SIZE = 5000

@@ -61,6 +61,9 @@ import common
 import keras_lsoftmax
 
 PAPER_GROUPS = [(64, 3), (64, 3), (64, 3)]
+# The CPU-sized trunk: one 3×3 conv per group (BN + PReLU), a 2×2 max pool
+# after each group.
+SMALL_GROUPS = [(16, 1), (32, 1), (64, 1)]
 PAPER_ITERATIONS = 18000
 PAPER_GAMMA = 2.5e-5
 
@@ -72,7 +75,7 @@ def build_model(margin: int, paper: bool, decay: float) -> keras_lsoftmax.Model:
         x = common.conv_bn_prelu(inputs, 64, 3, decay)  # conv0
         x = common.conv_stack(x, PAPER_GROUPS, decay)
     else:
-        x = common.conv_stack(inputs, common.SMALL_MNIST_GROUPS, decay)
+        x = common.conv_stack(inputs, SMALL_GROUPS, decay)
     features = common.fc_features(x, 256, decay)
     logits = common.head(10, margin, decay)(features)
     return keras_lsoftmax.Model(inputs, logits, name=f"mnist_m{margin}")
