@@ -21,8 +21,8 @@ gamma scaled so that λ crosses 1 at 29% of the run, as in the authors'
 
 This recipe was chosen on a 55k/5k split of the training set
 (`--validation`); the README lists what was tried. In short: more epochs,
-batch 128 and the wider convs each helped; a lower learning rate (0.02) and
-batch 64 hurt; without BN on the 2-D features (`--no-feature-bn`) the
+a batch of 128 (or 64) and the wider convs each helped; a lower learning
+rate (0.02) hurt; without BN on the 2-D features (`--no-feature-bn`) the
 learning rate 0.1 diverged. The floor λ ≥ 1 (`--lambda-min`) keeps half
 the softmax logit in the target: with λ → 0 an earlier 5-epoch run lost a
 whole class at m = 4 (all its features at the origin), and the authors

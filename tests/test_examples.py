@@ -284,11 +284,12 @@ def test_paired_table(examples_module):
          "error_percent": e}
         for m, s, e in [(0, 0, 0.80), (0, 1, 0.90), (0, 2, 0.70),
                         (4, 0, 0.70), (4, 1, 0.70), (4, 2, 0.70),
-                        (2, 0, 0.80), (2, 1, 0.90)]
+                        (2, 0, 0.8000009), (2, 1, 0.8999991)]
     ]
     rows = comparison.paired_table(runs, [0, 2, 4], "test").splitlines()
     assert rows[0].startswith("| head | Δ test error vs softmax")
-    # m = 2 only ran seeds 0 and 1: equal to softmax on both.
+    # m = 2 only ran seeds 0 and 1: equal to softmax on both, up to float32
+    # noise, which is no win.
     assert rows[2] == (
         "| L-Softmax m=2 | +0.00, +0.00 | 0.00 ± 0.00 | 0 of 2 seeds | – |"
     )
