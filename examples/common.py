@@ -311,9 +311,9 @@ def head(units: int, margin: int, decay: float, name: str = "head"):
 def fc_features(
     x, units: int, decay: float, prelu: bool = True, batch_norm: bool = True
 ):
-    """Flatten → FC `units` → BN (→ PReLU): the feature layer the head sees,
-    named "features". Without `batch_norm` (and `prelu`) the FC has a bias
-    and is the feature layer itself."""
+    """Flatten → FC `units` (→ BN) (→ PReLU): the feature layer the head
+    sees, named "features" (the last of them). Without `batch_norm` the FC
+    has a bias."""
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dense(
         units,
@@ -322,14 +322,13 @@ def fc_features(
         kernel_regularizer=weight_decay(decay) if decay else None,
         name=None if batch_norm or prelu else "features",
     )(x)
-    if not batch_norm and not prelu:
-        return x
-    if not prelu:
-        return keras.layers.BatchNormalization(name="features")(x)
-    x = keras.layers.BatchNormalization()(x)
-    return keras.layers.PReLU(
-        alpha_initializer=keras.initializers.Constant(0.25), name="features"
-    )(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name=None if prelu else "features")(x)
+    if prelu:
+        x = keras.layers.PReLU(
+            alpha_initializer=keras.initializers.Constant(0.25), name="features"
+        )(x)
+    return x
 
 
 def fit_classifier(
