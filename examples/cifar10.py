@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     common.seed_everything(args.seed)
     model = build_model(args.margin, args.weight_decay)
-    lr = common.step_learning_rate(total_steps, args.learning_rate)
+    lr = common.step_learning_rate(
+        total_steps, args.learning_rate, args.lr_drops
+    )
     common.compile_classifier(model, common.sgd(lr))
     schedule = keras_lsoftmax.schedules.InverseDecay(
         base=common.AUTHORS_BASE,

@@ -26,6 +26,7 @@ import keras_lsoftmax
 AUTHORS_BASE = 1000.0
 AUTHORS_POWER = 35.0
 AUTHORS_CROSSING = 8700.0 / 30000.0
+PAPER_LR_DROPS = (12.0 / 18.0, 15.0 / 18.0)
 
 SMOKE_TRAIN = 320
 SMOKE_TEST = 160
@@ -82,19 +83,44 @@ def _add_common_args(parser: argparse.ArgumentParser, dataset: str) -> None:
     )
 
 
-def add_sgd_args(parser: argparse.ArgumentParser) -> None:
-    """Adds --batch-size, --learning-rate and --weight-decay to `parser`."""
+class _IncreasingFractions(argparse.Action):
+    """Stores a list of strictly increasing numbers in (0, 1), or exits with
+    an error naming the option and the values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if any(not 0 < v < 1 for v in values) or values != sorted(set(values)):
+            parser.error(
+                f"{option_string} must be strictly increasing fractions in "
+                f"(0, 1), got {values}"
+            )
+        setattr(namespace, self.dest, values)
+
+
+def add_sgd_args(
+    parser: argparse.ArgumentParser, lr_drops: tuple = PAPER_LR_DROPS
+) -> None:
+    """Adds --batch-size, --learning-rate, --lr-drops (default `lr_drops`)
+    and --weight-decay to `parser`."""
     parser.add_argument("--batch-size", type=int, default=256,
                         help="(default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=0.1,
                         help="initial SGD learning rate, divided by 10 at "
-                        "2/3 and 5/6 of the run (default: %(default)s)")
+                        "each of --lr-drops (default: %(default)s)")
+    parser.add_argument("--lr-drops", type=float, nargs="+",
+                        default=list(lr_drops), metavar="F",
+                        action=_IncreasingFractions,
+                        help="fractions of the run at which the learning rate "
+                        "is divided by 10 (default: "
+                        f"{' '.join(f'{f:.3g}' for f in lr_drops)}; the "
+                        "paper's are 2/3 and 5/6, 12k and 15k of 18k)")
     parser.add_argument("--weight-decay", type=float, default=5e-4,
                         help="Caffe-style weight decay (default: %(default)s)")
 
 
 def add_mnist_run_args(
-    parser: argparse.ArgumentParser, lambda_min: float
+    parser: argparse.ArgumentParser,
+    lambda_min: float,
+    lr_drops: tuple = PAPER_LR_DROPS,
 ) -> None:
     """Adds the run length and λ-schedule options of the MNIST examples."""
     parser.add_argument("--epochs", type=int, default=4,
@@ -102,7 +128,7 @@ def add_mnist_run_args(
     parser.add_argument("--iterations", type=int, default=None,
                         help="training steps per run; overrides --epochs "
                         "(rounded up to whole epochs)")
-    add_sgd_args(parser)
+    add_sgd_args(parser, lr_drops)
     parser.add_argument("--lambda-cross", type=float, default=AUTHORS_CROSSING,
                         help="fraction of the run at which λ crosses 1 "
                         "(default: %(default).3f, the authors' 8.7k/30k)")
@@ -237,10 +263,11 @@ def scaled_inverse_decay(
 def step_learning_rate(
     total_steps: int,
     initial: float = 0.1,
-    fractions: tuple = (12.0 / 18.0, 15.0 / 18.0),
+    fractions: tuple = PAPER_LR_DROPS,
 ) -> keras.optimizers.schedules.LearningRateSchedule:
-    """The paper's step schedule (0.1, ÷10 at 12k and 15k of 18k iterations),
-    with the boundaries placed at the same fractions of `total_steps`."""
+    """A step schedule: `initial`, ÷10 at each of `fractions` of
+    `total_steps`. The defaults are the paper's (0.1, ÷10 at 12k and 15k of
+    18k iterations)."""
     boundaries = [max(1, int(round(f * total_steps))) for f in fractions]
     for i in range(1, len(boundaries)):  # strictly increasing, even if tiny
         boundaries[i] = max(boundaries[i], boundaries[i - 1] + 1)
@@ -338,10 +365,10 @@ def fit_classifier(
     """Compiles `model` with the paper's SGD and step learning rate, and fits
     it on `train` for `steps` = (epochs, total_steps), with a
     `LambdaScheduler(schedule)` for an L-Softmax head and `progress`, if
-    given. Uses `args.learning_rate`, `args.batch_size` and `args.verbose`;
-    returns the `Timer` of `fit`."""
+    given. Uses `args.learning_rate`, `args.lr_drops`, `args.batch_size` and
+    `args.verbose`; returns the `Timer` of `fit`."""
     epochs, total_steps = steps
-    lr = step_learning_rate(total_steps, args.learning_rate)
+    lr = step_learning_rate(total_steps, args.learning_rate, args.lr_drops)
     compile_classifier(model, sgd(lr))
     callbacks = lambda_callbacks(margin, schedule)
     if progress is not None:

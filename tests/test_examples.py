@@ -128,6 +128,23 @@ def test_features_2d_validation_without_feature_bn(examples_module, tmp_path):
     )
 
 
+def test_features_2d_shift(examples_module, capsys):
+    import keras
+
+    module = examples_module("mnist_features_2d")
+    shifted = module.build_model(1, False, 0.0, shift=2, seed=0)
+    assert isinstance(shifted.layers[1], keras.layers.RandomTranslation)
+    assert shifted.layers[1].height_factor == pytest.approx(2 / 28, abs=1e-9)
+    plain = module.build_model(1, False, 0.0, shift=0)
+    assert not any(
+        isinstance(layer, keras.layers.RandomTranslation)
+        for layer in plain.layers
+    )
+    with pytest.raises(SystemExit):
+        module.parse_args(["--shift", "-1"])
+    assert "--shift must be in [0, 13] pixels, got -1" in capsys.readouterr().err
+
+
 # The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
 # once, from the default run.
 @pytest.mark.tensorflow
@@ -222,12 +239,12 @@ def examples_module(monkeypatch):
     [
         ("mnist_features_2d", ["--data", "--seed", "--out", "--smoke",
                                "--margins", "--paper", "--validation",
-                               "--no-feature-bn"]),
+                               "--no-feature-bn", "--lr-drops", "--shift"]),
         ("mnist_margin_comparison", ["--data", "--seeds", "--out", "--smoke",
                                      "--validation", "--paper",
                                      "--lambda-min"]),
         ("cifar10", ["--data", "--seed", "--out", "--smoke", "--margin",
-                     "--augment"]),
+                     "--augment", "--lr-drops"]),
     ],
 )
 def test_help(examples_module, capsys, script, flags):
@@ -257,6 +274,32 @@ def test_step_learning_rate_boundaries(examples_module):
     )
     tiny = common.step_learning_rate(2)  # still valid for a 2-step smoke run
     assert float(tiny(0)) == pytest.approx(0.1, rel=1e-6, abs=1e-8)
+
+
+def test_step_learning_rate_custom_drops(examples_module):
+    common = examples_module("common")
+    lr = common.step_learning_rate(1000, 0.1, [0.4, 0.7])
+    assert [float(lr(t)) for t in (0, 399, 401, 699, 701)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001], rel=1e-6, abs=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    "drops", [["0.7", "0.4"], ["0.5", "0.5"], ["0"], ["1.2"]]
+)
+def test_lr_drops_rejects_bad_values(examples_module, capsys, drops):
+    module = examples_module("mnist_features_2d")
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--lr-drops", *drops])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--lr-drops must be strictly increasing fractions" in error
+    assert str([float(d) for d in drops]) in error
+
+
+def test_lr_drops_parsed(examples_module):
+    module = examples_module("mnist_features_2d")
+    assert module.parse_args(["--lr-drops", "0.3", "0.9"]).lr_drops == [0.3, 0.9]
 
 
 def test_angle_stats(examples_module):
