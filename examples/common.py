@@ -96,31 +96,26 @@ class _IncreasingFractions(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_sgd_args(
-    parser: argparse.ArgumentParser, lr_drops: tuple = PAPER_LR_DROPS
-) -> None:
-    """Adds --batch-size, --learning-rate, --lr-drops (default `lr_drops`)
-    and --weight-decay to `parser`."""
+def add_sgd_args(parser: argparse.ArgumentParser) -> None:
+    """Adds --batch-size, --learning-rate, --lr-drops and --weight-decay to
+    `parser`."""
     parser.add_argument("--batch-size", type=int, default=256,
                         help="(default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=0.1,
                         help="initial SGD learning rate, divided by 10 at "
                         "each of --lr-drops (default: %(default)s)")
     parser.add_argument("--lr-drops", type=float, nargs="+",
-                        default=list(lr_drops), metavar="F",
+                        default=list(PAPER_LR_DROPS), metavar="F",
                         action=_IncreasingFractions,
                         help="fractions of the run at which the learning rate "
-                        "is divided by 10 (default: "
-                        f"{' '.join(f'{f:.3g}' for f in lr_drops)}; the "
-                        "paper's are 2/3 and 5/6, 12k and 15k of 18k)")
+                        "is divided by 10 (default: 2/3 and 5/6, the "
+                        "paper's 12k and 15k of 18k)")
     parser.add_argument("--weight-decay", type=float, default=5e-4,
                         help="Caffe-style weight decay (default: %(default)s)")
 
 
 def add_mnist_run_args(
-    parser: argparse.ArgumentParser,
-    lambda_min: float,
-    lr_drops: tuple = PAPER_LR_DROPS,
+    parser: argparse.ArgumentParser, lambda_min: float
 ) -> None:
     """Adds the run length and λ-schedule options of the MNIST examples."""
     parser.add_argument("--epochs", type=int, default=4,
@@ -128,7 +123,7 @@ def add_mnist_run_args(
     parser.add_argument("--iterations", type=int, default=None,
                         help="training steps per run; overrides --epochs "
                         "(rounded up to whole epochs)")
-    add_sgd_args(parser, lr_drops)
+    add_sgd_args(parser)
     parser.add_argument("--lambda-cross", type=float, default=AUTHORS_CROSSING,
                         help="fraction of the run at which λ crosses 1 "
                         "(default: %(default).3f, the authors' 8.7k/30k)")
