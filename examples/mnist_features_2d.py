@@ -63,7 +63,7 @@ def build_model(
     decay: float,
     feature_bn: bool = True,
     channels: tuple = DEFAULT_CHANNELS,
-    shift: int = 0,
+    shift: int = DEFAULT_SHIFT,
     seed: int | None = None,
 ) -> keras_lsoftmax.Model:
     """The CNN with a 2-unit feature layer named "features" and the head.
