@@ -88,6 +88,35 @@ def test_features_2d_smoke(mnist_npz, tmp_path):
     assert "m=4 · epoch 1/1 · " in stdout and "0 s in all" in stdout
 
 
+# The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
+# once, from the default run.
+@pytest.mark.tensorflow
+def test_features_2d_jobs_train_the_same_models(mnist_npz, tmp_path):
+    results = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        stdout = _run(
+            "mnist_features_2d.py", "--data", mnist_npz, "--smoke",
+            "--margins", "1", "2", "3", "--jobs", jobs, "--out", str(out),
+            cwd=tmp_path,
+        )
+        assert "3 models trained in " in stdout
+        assert f"({jobs} at a time)" in stdout
+        summary = json.loads((out / "features_2d.json").read_text())
+        assert summary["jobs"] == int(jobs) and summary["train_seconds"] > 0
+        results[jobs] = summary["results"]
+    # Process 0 trains m = 1 and 3, process 1 m = 2: the order is restored.
+    assert [r["margin"] for r in results["2"]] == [1, 2, 3]
+    for one, two in zip(results["1"], results["2"]):
+        assert two["test_accuracy"] == pytest.approx(
+            one["test_accuracy"], rel=0, abs=1e-6
+        )
+        for key, angle in one["angles_deg"].items():
+            assert two["angles_deg"][key] == pytest.approx(
+                angle, rel=0, abs=1e-4
+            )
+
+
 def _broken_test_split(path):
     """An MNIST-format .npz whose test split is empty: a script that reads it
     under --validation fails."""
@@ -143,6 +172,15 @@ def test_features_2d_shift(examples_module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--shift", "-1"])
     assert "--shift must be in [0, 13] pixels, got -1" in capsys.readouterr().err
+
+
+def test_features_2d_rejects_zero_jobs(examples_module, capsys):
+    module = examples_module("mnist_features_2d")
+    assert module.parse_args([]).jobs == 1
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--jobs", "0"])
+    assert exit_info.value.code == 2
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
 
 
 # The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
@@ -239,7 +277,8 @@ def examples_module(monkeypatch):
     [
         ("mnist_features_2d", ["--data", "--seed", "--out", "--smoke",
                                "--margins", "--paper", "--validation",
-                               "--no-feature-bn", "--lr-drops", "--shift"]),
+                               "--no-feature-bn", "--lr-drops", "--shift",
+                               "--jobs"]),
         ("mnist_margin_comparison", ["--data", "--seeds", "--out", "--smoke",
                                      "--validation", "--paper",
                                      "--lambda-min"]),
