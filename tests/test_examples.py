@@ -81,6 +81,7 @@ def test_features_2d_smoke(mnist_npz, tmp_path):
     summary = json.loads((out / "features_2d.json").read_text())
     assert [r["margin"] for r in summary["results"]] == [1, 2, 3, 4]
     assert summary["epochs"] == 1 and summary["train_images"] == 320
+    assert summary["network"] == "shrunk: 3×3 convs 16/64/128, 1 per group"
     for result in summary["results"]:
         assert 0.0 <= result["test_accuracy"] <= 1.0
         assert 0.0 <= result["angles_deg"]["intra"] <= 180.0
@@ -172,6 +173,31 @@ def test_features_2d_shift(examples_module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--shift", "-1"])
     assert "--shift must be in [0, 13] pixels, got -1" in capsys.readouterr().err
+
+
+def test_features_2d_convs_per_group(examples_module, capsys):
+    import keras
+
+    module = examples_module("mnist_features_2d")
+
+    def conv_filters(model):
+        return [
+            layer.filters
+            for layer in model.layers
+            if isinstance(layer, keras.layers.Conv2D)
+        ]
+
+    one = module.build_model(1, False, 0.0, channels=(8, 16, 32))
+    assert conv_filters(one) == [8, 16, 32]
+    two = module.build_model(
+        1, False, 0.0, channels=(8, 16, 32), convs_per_group=2
+    )
+    assert conv_filters(two) == [8, 8, 16, 16, 32, 32]
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--convs-per-group", "0"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--convs-per-group must be at least 1, got 0" in error
 
 
 def test_features_2d_rejects_zero_jobs(examples_module, capsys):
@@ -278,7 +304,7 @@ def examples_module(monkeypatch):
         ("mnist_features_2d", ["--data", "--seed", "--out", "--smoke",
                                "--margins", "--paper", "--validation",
                                "--no-feature-bn", "--lr-drops", "--shift",
-                               "--jobs"]),
+                               "--jobs", "--convs-per-group"]),
         ("mnist_margin_comparison", ["--data", "--seeds", "--out", "--smoke",
                                      "--validation", "--paper",
                                      "--lambda-min"]),
