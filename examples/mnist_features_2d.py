@@ -27,9 +27,9 @@ This recipe was chosen on a 55k/5k split of the training set
 (`--validation`); the README lists what was tried. In short: a second
 conv in each group (`--convs-per-group 2`) helped most (softmax held out
 99.2% against 98.1% with one; not yet the default, as the figure was made
-with one), and the paper's widths in the later convs
-(and 16 filters, not 8, in the first), a batch of 128, more epochs and the
-random shifts each helped before it; a lower learning rate
+with one), and before it the paper's widths in the later convs (and 16
+filters, not 8, in the first), a batch of 128, more epochs and the random
+shifts each helped; a lower learning rate
 (0.02), earlier learning-rate drops, a lower weight decay (1e-4) and Adam
 did not; without BN on the 2-D features (`--no-feature-bn`) the learning
 rate 0.1 diverged. The floor λ ≥ 2 (`--lambda-min`) keeps two thirds of
@@ -83,8 +83,8 @@ def build_model(
     """The CNN with a 2-unit feature layer named "features" and the head.
 
     The default network has `convs_per_group` 3×3 convs of `channels[i]`
-    filters in group i; `paper` selects the paper's network and ignores both. With
-    `shift` > 0, training images are translated at random by up to `shift`
+    filters in group i; `paper` selects the paper's network and ignores
+    both. With `shift` > 0, training images are translated at random by up to `shift`
     pixels each way (seeded by `seed`); inference sees them unchanged.
     """
     inputs = keras.Input((28, 28, 1))
@@ -96,8 +96,7 @@ def build_model(
     if paper:
         groups, kernel_size = PAPER_GROUPS, 5
     else:
-        groups = [(c, convs_per_group) for c in channels]
-        kernel_size = 3
+        groups, kernel_size = [(c, convs_per_group) for c in channels], 3
     x = common.conv_stack(x, groups, decay, kernel_size)
     features = common.fc_features(x, 2, decay, prelu=False, batch_norm=feature_bn)
     logits = common.head(10, margin, decay)(features)
@@ -144,9 +143,9 @@ def train_all(args, train: tuple, test: tuple, steps: tuple) -> list:
     `args.jobs` processes at a time.
 
     Model i goes to process i mod jobs; each process prints its own
-    progress lines, whose time left "in all" counts only its own models. One TensorFlow process keeps 2 CPU
-    cores only partly busy with this small network, so two processes
-    finish the four models sooner than one.
+    progress lines, whose time left "in all" counts only its own models.
+    One TensorFlow process keeps 2 CPU cores only partly busy with this
+    small network, so two processes finish the four models sooner than one.
     """
     jobs = args.jobs
     if jobs == 1:
@@ -246,6 +245,7 @@ def plot(
 
 
 def network_name(args) -> str:
+    """The network, as the JSON records it."""
     if args.paper:
         return "paper Fig. 2"
     widths = "/".join(str(c) for c in args.channels)
@@ -266,8 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_validation_arg(parser)
     parser.add_argument("--channels", type=int, nargs=3,
                         default=list(DEFAULT_CHANNELS), metavar="C",
-                        help="filters of the default network's three 3×3 "
-                        "convs (default: %(default)s)")
+                        help="filters of the 3×3 convs in each of the default "
+                        "network's three groups (default: %(default)s)")
     parser.add_argument("--convs-per-group", type=int,
                         default=DEFAULT_CONVS_PER_GROUP, metavar="N",
                         help="3×3 convs before each pool in the default "
