@@ -81,7 +81,7 @@ def test_features_2d_smoke(mnist_npz, tmp_path):
     summary = json.loads((out / "features_2d.json").read_text())
     assert [r["margin"] for r in summary["results"]] == [1, 2, 3, 4]
     assert summary["epochs"] == 1 and summary["train_images"] == 320
-    assert summary["network"] == "shrunk: 3×3 convs 16/64/128, 1 per group"
+    assert summary["network"] == "shrunk: 3×3 convs 16/64/128, 2 per group"
     for result in summary["results"]:
         assert 0.0 <= result["test_accuracy"] <= 1.0
         assert 0.0 <= result["angles_deg"]["intra"] <= 180.0
@@ -187,12 +187,12 @@ def test_features_2d_convs_per_group(examples_module, capsys):
             if isinstance(layer, keras.layers.Conv2D)
         ]
 
-    one = module.build_model(1, False, 0.0, channels=(8, 16, 32))
-    assert conv_filters(one) == [8, 16, 32]
-    two = module.build_model(
-        1, False, 0.0, channels=(8, 16, 32), convs_per_group=2
+    default = module.build_model(1, False, 0.0, channels=(8, 16, 32))
+    assert conv_filters(default) == [8, 8, 16, 16, 32, 32]
+    one = module.build_model(
+        1, False, 0.0, channels=(8, 16, 32), convs_per_group=1
     )
-    assert conv_filters(two) == [8, 8, 16, 16, 32, 32]
+    assert conv_filters(one) == [8, 16, 32]
     with pytest.raises(SystemExit) as exit_info:
         module.parse_args(["--convs-per-group", "0"])
     assert exit_info.value.code == 2
