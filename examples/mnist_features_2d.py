@@ -23,18 +23,18 @@ so that λ crosses 1 at 29% of the run, as in the authors' 30k-iteration
 MNIST run, and stopped at a floor of λ = 2.
 
 This recipe was chosen on a 55k/5k split of the training set
-(`--validation`); the README lists what was tried. In short: a second
-conv in each group (`--convs-per-group`, now 2) helped most (softmax held
-out 99.2% against 98.1% with one), and before it the paper's widths in the later convs (and 16
-filters, not 8, in the first), a batch of 128, more epochs and the random
-shifts each helped; a lower learning rate
-(0.02), earlier learning-rate drops, a lower weight decay (1e-4) and Adam
-did not; without BN on the 2-D features (`--no-feature-bn`) the learning
-rate 0.1 diverged. The floor λ ≥ 2 (`--lambda-min`) keeps two thirds of
-the softmax logit in the target: with λ → 0 an earlier 5-epoch run lost a
-whole class at m = 4 (all its features at the origin), with a floor of 1
-the m = 4 model's training accuracy dipped for several epochs, and the
-authors advise a non-zero floor for hard problems.
+(`--validation`); the README lists what was tried. In short: a second conv
+in each group (`--convs-per-group`, now 2) helped most (softmax held out
+99.2% against 98.1% with one), and before it the paper's widths in the later
+convs (and 16 filters, not 8, in the first), a batch of 128, more epochs and
+the random shifts each helped; a lower learning rate (0.02), earlier
+learning-rate drops, a lower weight decay (1e-4) and Adam did not; without
+BN on the 2-D features (`--no-feature-bn`) the learning rate 0.1 diverged.
+The floor λ ≥ 2 (`--lambda-min`) keeps two thirds of the softmax logit in
+the target: with λ → 0 an earlier 5-epoch run lost a whole class at m = 4
+(all its features at the origin), with a floor of 1 the m = 4 model's
+training accuracy dipped for several epochs, and the authors advise a
+non-zero floor for hard problems.
 
     python examples/mnist_features_2d.py --jobs 2 --out out/fig2
 
