@@ -82,8 +82,9 @@ def build_model(
 
     The default network has `convs_per_group` 3×3 convs of `channels[i]`
     filters in group i; `paper` selects the paper's network and ignores
-    both. With `shift` > 0, training images are translated at random by up to `shift`
-    pixels each way (seeded by `seed`); inference sees them unchanged.
+    both. With `shift` > 0, training images are translated at random by up
+    to `shift` pixels each way (seeded by `seed`); inference sees them
+    unchanged.
     """
     inputs = keras.Input((28, 28, 1))
     x = inputs
