@@ -46,11 +46,15 @@ def test_the_backend_of_keras_is_used():
     assert module == f"keras_lsoftmax.backend.{keras.backend.backend()}.ops"
 
 
-@pytest.mark.tensorflow  # once, from the default run: subprocesses
-@pytest.mark.parametrize("name, module", [("jax", "jax"), ("torch", "torch")])
-def test_training_on_jax_and_torch_does_not_import_tensorflow(name, module):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed")
+# In a subprocess: a user's process, where nothing blocks TensorFlow.
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("jax", marks=pytest.mark.jax),
+        pytest.param("torch", marks=pytest.mark.torch),
+    ],
+)
+def test_training_on_jax_and_torch_does_not_import_tensorflow(name):
     result = subprocess.run(
         [sys.executable, "-c", _TRAIN_WITHOUT_TENSORFLOW],
         capture_output=True,
@@ -63,7 +67,10 @@ def test_training_on_jax_and_torch_does_not_import_tensorflow(name, module):
     assert result.stdout.split()[-2:] == [name, "False"]
 
 
-@pytest.mark.tensorflow  # once, from the default run: a subprocess
+@pytest.mark.skipif(
+    importlib.util.find_spec("scipy") is None,
+    reason="Keras's numpy backend needs scipy (the jax extra installs it)",
+)
 def test_an_unsupported_backend_is_named():
     result = subprocess.run(
         [sys.executable, "-c", "import keras_lsoftmax"],

@@ -425,13 +425,11 @@ def _fit_few_steps(jit_compile, policy="float32"):
     ],
 )
 def test_fit_with_jit_compile_matches_without(policy):
-    # Compiled float16 code on JAX (XLA) and PyTorch (inductor) fuses ops and
-    # skips the float16 rounding between them that op-by-op execution does
-    # (|Δweights| ~1e-4); TensorFlow's two paths agree more closely.
-    if policy == "mixed_float16" and BACKEND != "tensorflow":
-        tol = 5e-4
-    else:
-        tol = 1e-5
+    # Compiled float16 code (XLA, inductor) fuses ops and skips the float16
+    # rounding between them that op-by-op execution does, and CPUs with
+    # native float16 arithmetic (AVX512-FP16, AMX) round differently again:
+    # |Δweights| up to ~1e-4, a few float16 ulps of the weights.
+    tol = 5e-4 if policy == "mixed_float16" else 1e-5
     weights, logs = _fit_few_steps(jit_compile=False, policy=policy)
     xla_weights, xla_logs = _fit_few_steps(jit_compile=True, policy=policy)
     initial = _initial_weights()

@@ -209,7 +209,8 @@ def _worker(mode, folder, backend):
     )
 
 
-@pytest.mark.tensorflow  # it runs every installed backend in subprocesses
+# Every installed backend, each in its own subprocess, from each suite run:
+# the run after a backend is added checks it against the others.
 def test_keras_file_moves_between_backends(tmp_path):
     backends = _installed_backends()
     if len(backends) < 2:
