@@ -37,9 +37,11 @@ class LambdaScheduler(keras.callbacks.Callback):
     another `LambdaScheduler` replaces it or `set_lambda` detaches it. Any
     other callable is evaluated on the host with the step as a Python int
     before every batch, which costs a host synchronization per batch.
-    Because `optimizer.iterations` is saved with the model (`.keras` files,
-    `keras.callbacks.BackupAndRestore`), a resumed run continues the
-    schedule exactly.
+    The step reads t from the optimizer it applies, so λ follows a new
+    optimizer after `compile` and a restored one after
+    `keras.saving.load_model`. Because `optimizer.iterations` is saved with
+    the model (`.keras` files, `keras.callbacks.BackupAndRestore`), a
+    resumed run continues the schedule exactly.
 
     With `unit="epoch"` it sets λ = `schedule(epoch)` from the host at the
     start of each epoch, with the 0-based epoch index that `fit` reports (as
@@ -54,7 +56,9 @@ class LambdaScheduler(keras.callbacks.Callback):
 
     Notes:
         - With an optimizer's `gradient_accumulation_steps`, t counts the
-          applied updates (`optimizer.iterations`), not the batches.
+          applied updates (`optimizer.iterations`), not the batches: a run
+          of batch 8 with 2 accumulation steps logs the λ of the same run
+          with batch 16 and no accumulation.
         - With a host-side callable and `compile(steps_per_execution=k)`,
           `fit` calls the batch hooks once per execution, so λ changes
           every k steps. A `LambdaSchedule` changes λ at every step.
@@ -146,9 +150,11 @@ class LambdaScheduler(keras.callbacks.Callback):
         changed = False
         for layer in layers:
             schedule = self.schedule if in_step else None
-            if layer.lambda_schedule is not schedule:
-                layer.attach_lambda_schedule(schedule, iterations)
-                changed = True
+            changed = changed or layer.lambda_schedule is not schedule
+            # Attached again at every fit, so that a custom loop that reads
+            # the counter from the heads follows the optimizer compiled now
+            # (the train step passes its own optimizer's counter).
+            layer.attach_lambda_schedule(schedule, iterations)
         if in_step:
             first = self._global_step() + 1
             self._checked_value(self.schedule(first), first)

@@ -4,7 +4,9 @@ A backend's step (`keras_lsoftmax/backend/<backend>/trainer.py`) runs the
 forward pass inside `label_routing.model_label_scope`, computes the loss on
 the margin logits and its gradient its own way, then calls these helpers:
 the compiled metrics see the plain logits, and the λ and θ trackers get the
-values the heads recorded.
+values the heads recorded. Each train step hands its label scope the step
+counter of the optimizer it applies (`optimizer_step`), so a λ schedule
+follows that optimizer.
 """
 
 import math
@@ -24,6 +26,20 @@ def check_targets(y: Any) -> None:
             "keras_lsoftmax models need the labels `y` in fit and evaluate: "
             "the LSoftmaxDense margin is computed from them. Received: y=None"
         )
+
+
+def optimizer_step(model: keras.Model) -> Any:
+    """The number of updates applied by `model.optimizer`, as a tensor.
+
+    A train step reads it from the optimizer it applies, so after a
+    recompile or a restore λ follows the new optimizer, not the counter that
+    `LambdaScheduler` attached to the heads. It is the public
+    `optimizer.iterations`, which with `gradient_accumulation_steps` counts
+    the applied updates, not the batches. On JAX, call it inside the
+    `keras.StatelessScope` that maps the optimizer's variables to this
+    step's state.
+    """
+    return keras.ops.convert_to_tensor(model.optimizer.iterations)
 
 
 def plain_predictions(y_pred: Any, records: list) -> Any:

@@ -38,8 +38,13 @@ def _data(seed=0):
     return random_classification(N, D, C, seed)
 
 
-def _model(steps_per_execution=1, head_name="head", traced=False):
-    """A compiled model; `traced`: with a TraceCounter, and jit on JAX."""
+def _model(
+    steps_per_execution=1, head_name="head", traced=False, optimizer=None
+):
+    """A compiled model; `traced`: with a TraceCounter, and jit on JAX.
+
+    `optimizer` defaults to `keras.optimizers.SGD(0.01)`.
+    """
     keras.utils.set_random_seed(0)
     layers = [keras.Input((D,)), keras.layers.Dense(8, activation="relu")]
     if traced:
@@ -49,7 +54,7 @@ def _model(steps_per_execution=1, head_name="head", traced=False):
     )
     model = keras_lsoftmax.Sequential(layers)
     model.compile(
-        optimizer=keras.optimizers.SGD(0.01),
+        optimizer=optimizer or keras.optimizers.SGD(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps_per_execution=steps_per_execution,
         # TensorFlow always traces the train function (tf.function; no XLA,
@@ -61,12 +66,12 @@ def _model(steps_per_execution=1, head_name="head", traced=False):
     return model
 
 
-def _fit(model, epochs=1, callbacks=()):
+def _fit(model, epochs=1, callbacks=(), batch_size=BATCH):
     x, y = _data()
     return model.fit(
         x,
         y,
-        batch_size=BATCH,
+        batch_size=batch_size,
         epochs=epochs,
         shuffle=False,
         verbose=0,
@@ -120,6 +125,127 @@ def test_step_mode_follows_the_optimizer_step():
     assert _lam(head) == _f32(FAST(n))
     assert history.history["lsoftmax_lambda"] == pytest.approx(
         [float(FAST(STEPS_PER_EPOCH)), float(FAST(n))], rel=1e-6, abs=1e-6
+    )
+
+
+# Moves every step, and slowly enough that float32 keeps steps apart.
+ANNEALING = schedules.InverseDecay(1000.0, 0.5, 2.0)
+
+
+def _approx(values):
+    return pytest.approx(values, rel=1e-6, abs=1e-6)
+
+
+def _accumulating_sgd():
+    return keras.optimizers.SGD(0.05, gradient_accumulation_steps=2)
+
+
+def test_gradient_accumulation_counts_applied_updates():
+    # traced: jax.jit on JAX, whose step reads the counter in its state.
+    model = _model(traced=True, optimizer=_accumulating_sgd())
+    probe = Probe(model.get_layer("head"))
+    history = _fit(
+        model, epochs=2, callbacks=[LambdaScheduler(ANNEALING), probe]
+    )
+    # Batches 2u - 1 and 2u make update u, both with λ = schedule(u).
+    batches = range(1, 2 * STEPS_PER_EPOCH + 1)
+    assert [step for step, _ in probe.batches] == [k // 2 for k in batches]
+    assert [lam for _, lam in probe.batches] == _approx(
+        [float(ANNEALING((k + 1) // 2)) for k in batches]
+    )
+    updates = STEPS_PER_EPOCH // 2
+    assert history.history["lsoftmax_lambda"] == _approx(
+        [float(ANNEALING(updates)), float(ANNEALING(2 * updates))]
+    )
+    # The same run with batches twice as large and no accumulation.
+    doubled = _fit(
+        _model(traced=True, optimizer=keras.optimizers.SGD(0.05)),
+        epochs=2,
+        callbacks=[LambdaScheduler(ANNEALING)],
+        batch_size=2 * BATCH,
+    )
+    assert history.history["lsoftmax_lambda"] == _approx(
+        doubled.history["lsoftmax_lambda"]
+    )
+
+
+@pytest.mark.parametrize(
+    "steps_per_execution",
+    [
+        1,
+        pytest.param(
+            2,
+            marks=pytest.mark.skipif(
+                BACKEND == "torch",
+                reason="Keras on PyTorch accepts steps_per_execution=1 only",
+            ),
+        ),
+    ],
+)
+def test_recompiled_model_follows_the_new_optimizer(steps_per_execution):
+    model = _model(traced=True)
+    _fit(model, callbacks=[LambdaScheduler(ANNEALING)])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=steps_per_execution,
+        jit_compile=BACKEND == "jax",
+    )
+    probe = Probe(model.get_layer("head"))
+    history = _fit(
+        model, epochs=2, callbacks=[LambdaScheduler(ANNEALING), probe]
+    )
+    # The new optimizer starts from step 0; `fit` calls the batch hooks
+    # once per execution of `steps_per_execution` steps.
+    ends = range(
+        steps_per_execution, 2 * STEPS_PER_EPOCH + 1, steps_per_execution
+    )
+    assert [step for step, _ in probe.batches] == list(ends)
+    assert [lam for _, lam in probe.batches] == _approx(
+        [float(ANNEALING(k)) for k in ends]
+    )
+    assert history.history["lsoftmax_lambda"] == _approx(
+        [
+            float(ANNEALING(STEPS_PER_EPOCH)),
+            float(ANNEALING(2 * STEPS_PER_EPOCH)),
+        ]
+    )
+
+
+@pytest.mark.parametrize("accumulation", [None, 2])
+def test_loaded_model_follows_the_restored_optimizer(tmp_path, accumulation):
+    x, y = _data()
+    fit_args = dict(batch_size=BATCH, shuffle=False, verbose=0)
+    optimizer = keras.optimizers.SGD(
+        0.05, gradient_accumulation_steps=accumulation
+    )
+    first = _model(optimizer=optimizer)
+    first.fit(
+        x, y, epochs=1, callbacks=[LambdaScheduler(ANNEALING)], **fit_args
+    )
+    path = os.path.join(tmp_path, "model.keras")
+    first.save(path)
+    resumed = keras.saving.load_model(path)
+    probe = Probe(resumed.get_layer("head"))
+    history = resumed.fit(
+        x,
+        y,
+        epochs=2,
+        initial_epoch=1,
+        callbacks=[LambdaScheduler(ANNEALING), probe],
+        **fit_args,
+    )
+    per_update = accumulation or 1
+    batches = range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1)
+    assert [step for step, _ in probe.batches] == [
+        k // per_update for k in batches
+    ]
+    # Batch k belongs to update ceil(k / per_update).
+    assert [lam for _, lam in probe.batches] == _approx(
+        [float(ANNEALING(-(-k // per_update))) for k in batches]
+    )
+    assert history.history["lsoftmax_lambda"] == _approx(
+        [float(ANNEALING(2 * STEPS_PER_EPOCH // per_update))]
     )
 
 

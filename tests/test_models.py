@@ -133,16 +133,28 @@ def _max_diff(a, b):
     return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
 
 
+# With gradient accumulation, two half batches make the one step: their
+# mean gradient is the full batch's, and both see the same weights.
+@pytest.mark.parametrize("accumulation", [None, 2])
 @pytest.mark.parametrize("kind", list(BUILDERS))
-def test_one_fit_step_is_the_margin_step(kind):
+def test_one_fit_step_is_the_margin_step(kind, accumulation):
     keras.utils.set_random_seed(11)
     x, y = _data()
     lr, lam = 0.5, 1.0
     model = BUILDERS[kind](lam)
     before = _weights(model)
-    model.compile(optimizer=keras.optimizers.SGD(lr), loss=_sparse_ce())
-    history = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            lr, gradient_accumulation_steps=accumulation
+        ),
+        loss=_sparse_ce(),
+    )
+    batch_size = len(x) // (accumulation or 1)
+    history = model.fit(
+        x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0
+    )
     after = _weights(model)
+    assert int(_numpy(model.optimizer.iterations)) == 1
 
     expected, loss = _hand_step(before, x, y, lr, MARGIN, lam)
     plain, plain_loss = _hand_step(before, x, y, lr, 1, lam)

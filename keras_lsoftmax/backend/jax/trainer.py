@@ -19,6 +19,7 @@ import keras
 from keras_lsoftmax.label_routing import model_label_scope
 from keras_lsoftmax.margin_step import check_targets
 from keras_lsoftmax.margin_step import margin_values
+from keras_lsoftmax.margin_step import optimizer_step
 from keras_lsoftmax.margin_step import plain_predictions
 from keras_lsoftmax.margin_step import update_metrics
 
@@ -90,12 +91,11 @@ def _forward(
         (model.non_trainable_variables, non_trainable),
         (model.metrics_variables, metrics_vars),
     ]
-    step = None
     if optimizer_vars is not None:
         groups.append((model.optimizer.variables, optimizer_vars))
-        step = _iterations(model.optimizer, optimizer_vars)
     mapping = [pair for variables, values in groups for pair in zip(variables, values)]
     with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+        step = None if optimizer_vars is None else optimizer_step(model)
         with model_label_scope(model, x, y, step) as labels:
             y_pred = model(x, training=training)
         loss = model.compute_loss(
@@ -119,14 +119,6 @@ def _values(scope: keras.StatelessScope, variables: list) -> list:
         value = scope.get_current_value(variable)
         values.append(variable.value if value is None else value)
     return values
-
-
-def _iterations(optimizer: Any, optimizer_vars: list) -> Any:
-    """The step counter's value in this step's optimizer state."""
-    for variable, value in zip(optimizer.variables, optimizer_vars):
-        if variable is optimizer.iterations:
-            return value
-    return None
 
 
 def _stateless_metrics(

@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras_lsoftmax.label_routing import model_label_scope
 from keras_lsoftmax.margin_step import check_targets
 from keras_lsoftmax.margin_step import margin_values
+from keras_lsoftmax.margin_step import optimizer_step
 from keras_lsoftmax.margin_step import plain_predictions
 from keras_lsoftmax.margin_step import update_metrics
 
@@ -18,7 +19,7 @@ class MarginTrainer:
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         check_targets(y)
-        scope = model_label_scope(self, x, y)
+        scope = model_label_scope(self, x, y, optimizer_step(self))
         with tf.GradientTape() as tape:
             with scope:
                 y_pred = self(x, training=True)
