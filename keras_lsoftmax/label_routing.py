@@ -3,15 +3,18 @@
 The rule, as Keras matches losses to outputs:
 
 - `y` a single array or tensor: every head gets it.
-- `y` a list, tuple or dict: a head whose output is a model output gets the
-  labels of that output (by position for lists and tuples, by output name
-  for dicts); a head that is not a model output (nested deeper, or followed
-  by other layers) gets the labels only if `y` holds one label tensor, and
-  otherwise raises an error naming it.
+- `y` a list, tuple or dict: a head call whose output is a model output
+  gets the labels of that output (by position for lists and tuples, by
+  output name for dicts); a head call whose output is not a model output
+  (nested deeper, or followed by other layers) gets the labels only if `y`
+  holds one label tensor, and otherwise raises an error naming the head.
 
-Which head gives which output is found by tracing the forward pass once in
-a scratch graph, so this works for Sequential, functional and subclassed
-models alike; the trace is cached per model and input structure.
+The rule holds per call: a head shared by several outputs gets, in each
+call, the labels of the output that call gives. Which call gives which
+output is found by tracing the forward pass once in a scratch graph, so
+this works for Sequential, functional and subclassed models alike; the
+trace is cached per model and input structure. The step's forward pass
+calls the heads in the order of the trace.
 """
 
 import weakref
@@ -20,9 +23,10 @@ from typing import Any
 import keras
 
 from keras_lsoftmax.backend import tracing
+from keras_lsoftmax.label_scope import current_graph
 from keras_lsoftmax.label_scope import label_scope
 
-# model -> {input structure: {id(head): output path}}
+# model -> {input structure: {id(head): [output path or None per call]}}
 _HEAD_PATHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -33,29 +37,44 @@ def model_label_scope(
 
     `step` is the optimizer step of this training step (see `label_scope`).
     """
-    if not keras.tree.is_nested(y):
-        return label_scope(y, _ignore_class(model.loss), step)
-    paths, outputs = _head_paths(model, x)
-    names = getattr(model, "output_names", None)
     routes = {}
-    for head_id, path in paths.items():
-        labels = _select(y, path, outputs, names)
-        if labels is not None:
-            loss = _select(model.loss, path, outputs, names)
-            routes[head_id] = (labels, _ignore_class(loss))
+    if keras.tree.is_nested(y):
+        paths, outputs = _head_paths(model, x)
+        names = getattr(model, "output_names", None)
+        for head_id, call_paths in paths.items():
+            routes[head_id] = [
+                _route(y, model.loss, path, outputs, names)
+                for path in call_paths
+            ]
     leaf = _only_leaf(y)
     fallback = None if leaf is None else (leaf, _ignore_class(model.loss))
     return _RoutedLabelScope(model, y, routes, fallback, step)
 
 
+def _route(
+    y: Any, loss: Any, path: tuple | None, outputs: Any, names: Any
+) -> tuple[Any, int | None] | None:
+    """The labels and ignored class for the output at `path`, or None."""
+    if path is None:
+        return None
+    labels = _select(y, path, outputs, names)
+    if labels is None:
+        return None
+    return labels, _ignore_class(_select(loss, path, outputs, names))
+
+
 class _RoutedLabelScope(label_scope):
-    """A `label_scope` whose labels depend on the head."""
+    """A `label_scope` whose labels depend on the head and the call."""
+
+    # The test step's labels are those of the batch, so evaluation calls
+    # take them too (for the θ that `evaluate` logs).
+    inference_labels = True
 
     def __init__(
         self,
         model: keras.Model,
         y: Any,
-        routes: dict[int, tuple[Any, int | None]],
+        routes: dict[int, list[tuple[Any, int | None] | None]],
         fallback: tuple[Any, int | None] | None,
         step: Any,
     ):
@@ -63,19 +82,28 @@ class _RoutedLabelScope(label_scope):
         self._model = model
         self._routes = routes
         self._fallback = fallback
+        self._calls: dict[tuple, int] = {}
 
     def labels_for(self, layer: Any, inputs: Any) -> tuple[Any, int | None]:
-        route = self._routes.get(id(layer), self._fallback)
+        # Counted per graph: a call Keras traces in a scratch graph of its
+        # own is not one of the step's calls.
+        key = (current_graph(), id(layer))
+        call = self._calls.get(key, 0)
+        self._calls[key] = call + 1
+        routes = self._routes.get(id(layer), [])
+        route = routes[call] if call < len(routes) else None
+        route = self._fallback if route is None else route
         if route is None:
             raise ValueError(
                 f"Cannot tell which labels LSoftmaxDense '{layer.name}' "
-                f"should use: it is not an output of model "
+                f"should use in its call number {call + 1} of the forward "
+                "pass: that call does not give an output of model "
                 f"'{self._model.name}' (or its output has no labels in `y`), "
                 f"and `y` holds labels for {len(_leaves(self.labels))} "
                 "outputs. "
-                "Make the head's output a model output (the head "
-                "then gets the labels of that output), or train in your own "
-                "loop and call the head with `labels=...` or inside "
+                "Make the head's output a model output (each call of the "
+                "head then gets the labels of its output), or train in your "
+                "own loop and call the head with `labels=...` or inside "
                 "`keras_lsoftmax.label_scope(labels)`."
             )
         return route
@@ -105,7 +133,11 @@ class _HeadProbe(label_scope):
 
 
 def _head_paths(model: keras.Model, x: Any) -> tuple[dict, Any]:
-    """{id(head): path of its output in y_pred}, and y_pred's structure."""
+    """Where the output of each head call lies in y_pred.
+
+    Returns `({id(head): [y_pred path of each call's output, or None]},
+    y_pred's structure)`.
+    """
     key = repr(keras.tree.map_structure(_spec_key, x))
     cache = _HEAD_PATHS.setdefault(model, {})
     if key not in cache:
@@ -126,11 +158,12 @@ def _head_paths(model: keras.Model, x: Any) -> tuple[dict, Any]:
 
 def _output_paths(records: list, y_pred: Any) -> tuple[dict, Any]:
     leaves = keras.tree.flatten_with_path(y_pred)
-    paths = {}
+    paths: dict[int, list] = {}
     for record in records:
-        for path, leaf in leaves:
-            if leaf is record.outputs:
-                paths[id(record.layer)] = path
+        path = next(
+            (path for path, leaf in leaves if leaf is record.outputs), None
+        )
+        paths.setdefault(id(record.layer), []).append(path)
     return paths, keras.tree.map_structure(lambda _: None, y_pred)
 
 

@@ -65,7 +65,15 @@ class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
     in the graph (or eager context) the scope was opened in; calls that Keras
     traces elsewhere, such as the scratch graph in which it builds a model on
     first use, still get the labels but leave no record.
+
+    Inference calls (`training=False` or unset) ignore the scope: they return
+    the plain logits and leave no record, also on a batch of another size.
     """
+
+    # Whether inference calls take the labels and leave records. Only the
+    # scope of the models' test step does, for the θ that `evaluate` logs;
+    # there the labels are the batch's.
+    inference_labels: bool = False
 
     def __init__(
         self, labels: Any, ignore_class: int | None = None, step: Any = None
@@ -94,11 +102,11 @@ class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
         """Keeps `record` if it was made where this scope was opened."""
         # A record traced in another TensorFlow graph cannot be read by the
         # step that opened the scope (InaccessibleTensorError).
-        if _current_graph() is self._graph:
+        if current_graph() is self._graph:
             self.records.append(record)
 
     def __enter__(self) -> "label_scope":
-        self._graph = _current_graph()
+        self._graph = current_graph()
         _stack().append(self)
         return self
 
@@ -112,7 +120,8 @@ def current_label_scope() -> label_scope | None:
     return stack[-1] if stack else None
 
 
-def _current_graph() -> Any:
+def current_graph() -> Any:
+    """The TensorFlow graph being traced, or None (eager, JAX, PyTorch)."""
     # Only TensorFlow traces in graphs of its own; on JAX and PyTorch the
     # models build before their step runs, so every record is the step's.
     if keras.backend.backend() != "tensorflow":

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import threading
 from typing import Any
 
 import keras
@@ -11,6 +12,10 @@ from keras_lsoftmax import ops
 from keras_lsoftmax.backend import ops as backend_ops
 from keras_lsoftmax.label_scope import HeadRecord
 from keras_lsoftmax.label_scope import current_label_scope
+
+# Per thread, as the label scopes: under tf.distribute every replica calls
+# the layers in a thread of its own.
+_OWN_CALLS = threading.local()
 
 
 def lambda_value(value: Any, name: str) -> float:
@@ -81,9 +86,12 @@ class LSoftmaxDense(keras.layers.Layer):
     Labels reach the layer either as the `labels` call argument or, inside
     `keras_lsoftmax.Sequential` / `keras_lsoftmax.Model` training, from the
     `label_scope` their `train_step` opens (which routes each output's labels
-    to its head, and passes the `ignore_class` of a compiled
-    `SparseCategoricalCrossentropy`: rows with that label get no margin and
-    no range check).
+    to the head call that gives it, and passes the `ignore_class` of a
+    compiled `SparseCategoricalCrossentropy`: rows with that label get no
+    margin and no range check). Wrapped in `keras.layers.TimeDistributed`,
+    which runs it one time step at a time, the layer cannot match a scope's
+    labels to its rows: it raises in training and in `evaluate`, and infers
+    as usual.
 
     Args:
         units: positive int, the number of classes C.
@@ -221,8 +229,13 @@ class LSoftmaxDense(keras.layers.Layer):
         if self.normalize_weights:
             kernel = _unit_rows(kernel)
         scope = current_label_scope()
+        if scope is not None and not (training or scope.inference_labels):
+            # Inference needs no labels, and may run on another batch than
+            # the one the scope holds labels for.
+            scope = None
         ignore_class = None
         if labels is None and scope is not None:
+            self._check_own_call()
             labels, ignore_class = scope.labels_for(self, inputs)
         if labels is None and training:
             raise ValueError(
@@ -258,6 +271,41 @@ class LSoftmaxDense(keras.layers.Layer):
                 )
             )
         return outputs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._own_call(super().__call__, *args, **kwargs)
+
+    def stateless_call(self, *args: Any, **kwargs: Any) -> Any:
+        return self._own_call(super().stateless_call, *args, **kwargs)
+
+    def _own_call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """`method(*args, **kwargs)`, marked as a call of this layer itself."""
+        calls = _own_calls()
+        calls.append(id(self))
+        try:
+            return method(*args, **kwargs)
+        finally:
+            calls.pop()
+
+    def _check_own_call(self) -> None:
+        """Raises if another layer runs `call` (as `TimeDistributed` does).
+
+        Such a wrapper calls `call` on slices of its inputs, one time step
+        at a time, so the rows of the scope's labels are not those of the
+        inputs: labels (batch, time) would be read as one-hot when
+        time == units.
+        """
+        if id(self) not in _own_calls():
+            raise ValueError(
+                f"LSoftmaxDense '{self.name}' was run through its `call` "
+                "method by another layer (as keras.layers.TimeDistributed "
+                "does, one time step at a time), so the labels of the "
+                "label_scope (or of fit and evaluate) do not match its "
+                "inputs row for row. To give every time step its own label, "
+                "apply the head to the features reshaped to "
+                "(batch * time, features), with the labels reshaped to "
+                "(batch * time,)."
+            )
 
     def _training_lambda(self, scope: Any) -> Any:
         """λ for this training step: from the attached schedule, if any.
@@ -367,6 +415,13 @@ class _AttachedSchedule:
     # variable of the layer.
     schedule: Any
     iterations: Any
+
+
+def _own_calls() -> list[int]:
+    """The ids of the layers whose own call is running in this thread."""
+    if not hasattr(_OWN_CALLS, "ids"):
+        _OWN_CALLS.ids = []
+    return _OWN_CALLS.ids
 
 
 def _unit_rows(kernel: Any) -> Any:

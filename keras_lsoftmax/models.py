@@ -239,10 +239,10 @@ def _functional_arguments(args: tuple, kwargs: dict) -> bool:
 
 
 def _keras_functional_class() -> type:
-    # Keras does not export its functional model class; a keras.Model built
-    # from inputs and outputs is an instance of it.
-    inputs = keras.Input((1,))
-    return type(keras.Model(inputs, inputs))
+    # Keras does not export its functional model class; keras.Model given
+    # inputs and outputs makes an instance of it. Only its `__new__` runs:
+    # building a model here would fix Keras's global dtype policy at import.
+    return type(keras.Model.__new__(keras.Model, None, None))
 
 
 @keras.saving.register_keras_serializable(package="keras_lsoftmax")

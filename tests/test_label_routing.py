@@ -332,3 +332,62 @@ def _label_range_error():
 
         return tf.errors.InvalidArgumentError
     return ValueError
+
+
+def test_shared_head_gets_the_labels_of_each_output():
+    # One head on two inputs gives both outputs; each call must see the
+    # labels of the output it gives, not those of the other.
+    x, y, _ = _data(seed=9)
+    x_other, y_other, _ = _data(seed=10)
+    keras.utils.set_random_seed(9)
+    first, second = keras.Input((D,)), keras.Input((D,))
+    head = LSoftmaxDense(C, margin=MARGIN, initial_lambda=LAM, name="head")
+    model = keras_lsoftmax.Model([first, second], [head(first), head(second)])
+    kernel = _numpy(head.kernel)
+
+    def loss_fn(kernel):
+        margin = ops.lsoftmax_logits(x, kernel, y, MARGIN, LAM)
+        margin_other = ops.lsoftmax_logits(x_other, kernel, y_other, MARGIN, LAM)
+        return _mean_ce(y, margin) + _mean_ce(y_other, margin_other)
+
+    expected_loss, (grad,) = gradients(loss_fn, kernel)
+    model.compile(keras.optimizers.SGD(LR), loss=[_ce(), _ce()])
+    logs = model.fit(
+        [x, x_other], [y, y_other], batch_size=len(x), shuffle=False, verbose=0
+    ).history
+    np.testing.assert_allclose(
+        _numpy(head.kernel), kernel - LR * grad, rtol=1e-5, atol=1e-6
+    )
+    assert logs["loss"][0] == pytest.approx(float(expected_loss), rel=1e-5, abs=1e-6)
+
+
+def test_shared_head_call_that_is_not_an_output_raises():
+    x, y, y_aux = _data(seed=11)
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input((D,))
+    head = LSoftmaxDense(C, margin=MARGIN, name="shared_head")
+    outputs = [head(inputs), keras.layers.Rescaling(2.0)(head(inputs))]
+    model = keras_lsoftmax.Model(inputs, outputs)
+    model.compile("sgd", loss=[_ce(), _ce()])
+    with pytest.raises(
+        ValueError, match=r"LSoftmaxDense 'shared_head'.* call number [12] of"
+    ):
+        model.fit(x, [y, y_aux], verbose=0)
+
+
+@pytest.mark.parametrize("steps", [C, C + 2], ids=["time==units", "time!=units"])
+def test_time_distributed_head_raises_in_fit(steps):
+    # Labels (batch, time) with time == units would read as one-hot.
+    x = np.random.default_rng(12).normal(size=(8, steps, D)).astype("float32")
+    y = np.random.default_rng(13).integers(0, C, (8, steps)).astype("int32")
+    model = keras_lsoftmax.Sequential(
+        [
+            keras.Input((steps, D)),
+            keras.layers.TimeDistributed(LSoftmaxDense(C, name="step_head")),
+        ]
+    )
+    model.compile("sgd", loss=_ce())
+    with pytest.raises(
+        ValueError, match=r"LSoftmaxDense 'step_head' was run through its `call`"
+    ):
+        model.fit(x, y, verbose=0)

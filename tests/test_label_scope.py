@@ -79,14 +79,30 @@ def test_explicit_labels_take_precedence(layer, x):
     np.testing.assert_array_equal(_np(scope.records[0].labels), LABELS)
 
 
-def test_inference_inside_scope_gives_plain_logits(layer, x):
+@pytest.mark.parametrize("training", [False, None])
+def test_inference_inside_scope_ignores_its_labels(layer, x, training):
     with label_scope(LABELS) as scope:
-        out = layer(x, training=False)
+        out = layer(x, training=training)
     np.testing.assert_allclose(
         _np(out), x @ _np(layer.kernel).T, rtol=1e-6, atol=1e-6
     )
-    # Evaluation still records (plain) targets and cos θ for metrics.
-    assert len(scope.records) == 1
+    assert scope.records == []
+
+
+def test_inference_inside_scope_on_a_batch_of_another_size(layer, x):
+    # The scope holds labels for B rows; inference on 2 rows needs none.
+    model = keras_lsoftmax.Sequential([keras.Input((D,)), layer])
+    plain = x[:2] @ _np(layer.kernel).T
+    with label_scope(LABELS):
+        called = model(x[:2], training=False)
+        predicted = model.predict(x[:2], verbose=0)
+        margin = model(x, training=True)
+    np.testing.assert_allclose(_np(called), plain, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(predicted, plain, rtol=1e-6, atol=1e-6)
+    # Training calls inside the same scope still take its labels.
+    np.testing.assert_array_equal(
+        _np(margin), _np(layer(x, labels=LABELS, training=True))
+    )
 
 
 def test_one_record_per_call(layer, x):

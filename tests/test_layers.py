@@ -249,6 +249,28 @@ def test_compute_output_shape_and_time_distributed():
     )
 
 
+@pytest.mark.parametrize(
+    "steps", [UNITS, UNITS + 1], ids=["time==units", "time!=units"]
+)
+def test_time_distributed_refuses_the_labels_of_a_label_scope(steps):
+    # Labels (batch, time) would read as one-hot when time == units: the
+    # wrapper runs the head one time step at a time, on rows the labels do
+    # not match.
+    layer = _layer(margin=2, name="step_head")
+    wrapped = keras.layers.TimeDistributed(layer)
+    x = np.random.default_rng(5).normal(size=(2, steps, D)).astype("float32")
+    labels = np.random.default_rng(6).integers(0, UNITS, (2, steps))
+    with keras_lsoftmax.label_scope(labels):
+        with pytest.raises(
+            ValueError, match=r"'step_head' was run through its `call`"
+        ):
+            wrapped(x, training=True)
+        plain = wrapped(x, training=False)
+    np.testing.assert_allclose(
+        _np(plain), x @ _kernel(layer).T, rtol=1e-5, atol=1e-6
+    )
+
+
 def test_rejects_inputs_of_wrong_rank():
     with pytest.raises(ValueError):
         LSoftmaxDense(UNITS)(np.zeros((2, 3, 4), np.float32))
