@@ -17,6 +17,8 @@ import re
 import keras
 import pytest
 
+import keras_lsoftmax
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
@@ -210,3 +212,10 @@ def test_relative_links_point_to_files(path):
         if not resolved.exists() and relative not in GENERATED_PAGES:
             broken.append(target)
     assert not broken
+
+
+def test_api_page_lists_every_public_name():
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^### `(\w+)`$", text, re.MULTILINE))
+    public = set(keras_lsoftmax.__all__) | set(keras_lsoftmax.schedules.__all__)
+    assert documented == public
