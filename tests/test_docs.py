@@ -172,6 +172,18 @@ def test_readme_keeps_the_install_commands_in_order():
     assert positions == sorted(positions)
 
 
+def test_ci_runs_the_readme_commands_and_nothing_else():
+    # CI checks what a user types: the install blocks' lines, in order, are
+    # the only pip and pytest commands of .ci/run.
+    readme_lines = [
+        line for block in INSTALL_BLOCKS for line in block.splitlines()[1:-1]
+    ]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    commands = [line for line in ci if not line.lstrip().startswith("#")]
+    ci_lines = [line for line in commands if re.search(r"\b(pip|pytest)\b", line)]
+    assert ci_lines == readme_lines
+
+
 def test_readme_quick_start_shows_its_output():
     first = python_blocks(README)[0]
     assert "keras_lsoftmax.Sequential" in first["code"]
