@@ -224,3 +224,31 @@ def test_keras_file_moves_between_backends(tmp_path):
         for loaded in backends:
             actual = np.load(tmp_path / f"{saved}-on-{loaded}.npy")
             np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "rmsprop", "adamw"])
+def test_compile_config_names_public_optimizer_classes(optimizer, tmp_path):
+    # On PyTorch, Keras's optimizers are backend classes; a file naming them
+    # would import PyTorch wherever it is loaded.
+    model = keras_lsoftmax.Sequential([keras.Input((3,)), LSoftmaxDense(2)])
+    model.compile(
+        keras.optimizers.get(optimizer),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    config = model.get_compile_config()["optimizer"]
+    assert config["module"] == "keras.optimizers"
+    assert config["registered_name"] is None
+    model.save(tmp_path / "model.keras")
+    restored = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(restored.optimizer) is type(model.optimizer)
+
+
+def test_compile_config_of_a_loss_scale_optimizer_names_public_classes():
+    model = keras_lsoftmax.Sequential([keras.Input((3,)), LSoftmaxDense(2)])
+    model.compile(
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    config = model.get_compile_config()["optimizer"]
+    assert config["class_name"] == "LossScaleOptimizer"
+    assert config["config"]["inner_optimizer"]["module"] == "keras.optimizers"
