@@ -8,6 +8,18 @@ Usage (from the repository root):
     python benchmarks/bench_fit.py --api train_on_batch --jit-compile true
     python benchmarks/bench_fit.py --backend jax --out bench_fit_jax.json
     python benchmarks/bench_fit.py --scheduler-overhead --backend torch
+    python benchmarks/bench_fit.py --smoke  # a tiny run; its times mean nothing
+    python benchmarks/bench_fit.py --scheduler-overhead --smoke
+
+Run time on a 2-core x86-64 CPU (TensorFlow), computed from the medians and
+samples' step counts in `docs/benchmarks/`: the default run (C = 1000 and
+10000, both APIs, 20 rounds) about 1.5 minutes (`bench_fit_cpu.json`, 30
+rounds there); `--scheduler-overhead` (20 rounds) about 1 minute
+(`scheduler_overhead_tensorflow.json`, 40 rounds there; JAX 0.2 min,
+PyTorch 1.2 min). Measured on the same machine, shared with other work:
+`--smoke` took 8 s after the imports (19 s in all), `--scheduler-overhead
+--smoke` 10 s (15 s in all). A line on stderr reports each C as it ends,
+with the time left.
 
 `--backend tensorflow|jax|torch` (default: `KERAS_BACKEND`, else tensorflow)
 is read from the command line before Keras is imported.
@@ -110,11 +122,15 @@ if __name__ == "__main__":
 import keras  # noqa: E402
 
 import keras_lsoftmax  # noqa: E402
+from benchmarks.common import HelpFormatter  # noqa: E402
+from benchmarks.common import Progress  # noqa: E402
+from benchmarks.common import add_run_arguments  # noqa: E402
 from benchmarks.common import add_timing_arguments  # noqa: E402
 from benchmarks.common import check_backend  # noqa: E402
 from benchmarks.common import device_scope  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
+from benchmarks.common import parse_smoke  # noqa: E402
 from benchmarks.common import ratio  # noqa: E402
 from benchmarks.common import report  # noqa: E402
 from benchmarks.common import sample_stats  # noqa: E402
@@ -129,6 +145,11 @@ SCHEDULE_ARGS = {"base": 1000.0, "gamma": 2.5e-5, "power": 35.0}
 # --scheduler-overhead's own defaults: a model whose steps take 1-2 ms.
 SCHEDULER_DEFAULTS = {
     "classes": [10], "dim": 64, "batch": 128, "fit_batches": 100,
+}
+# --smoke, in either mode: every row of the output, in seconds.
+SMOKE = {
+    "classes": [10, 100], "batch": 16, "dim": 32, "repeats": 2,
+    "warmup": 1, "inner": 2, "fit_batches": 3, "epochs": 1,
 }
 
 
@@ -148,6 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "keras_lsoftmax.Sequential LSoftmaxDense model vs a Dense one, or "
         "with --scheduler-overhead the cost of LambdaScheduler in fit (see "
         "the module docstring).",
+        formatter_class=HelpFormatter,
     )
     add_timing_arguments(
         parser,
@@ -184,7 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-        help="models to time; `dense` is needed for the ratios",
+        help="models to time; `dense` is needed for the ratios (default: "
+        "%(default)s)",
     )
     parser.add_argument(
         "--scheduler-overhead", action="store_true",
@@ -192,7 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "without a callback, with LambdaScheduler(InverseDecay(...)) (λ "
         "in-step) and with LambdaScheduler(python callable) (λ from the "
         "host); defaults then: --classes 10 --dim 64 --batch 128 "
-        "--fit-batches 100",
+        "--fit-batches 100 (default: off)",
     )
     parser.add_argument(
         "--schedulers", nargs="+", choices=SCHEDULERS,
@@ -205,11 +228,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --scheduler-overhead: epochs per timed fit (default: "
         "%(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the results as JSON to this path")
+    add_run_arguments(parser, "seed of the data and weights", SMOKE)
     mode, _ = parser.parse_known_args(argv)
     if mode.scheduler_overhead:
         parser.set_defaults(**SCHEDULER_DEFAULTS)
+    parse_smoke(parser, argv, SMOKE)
     args = parser.parse_args(argv)
     check_backend(parser, args.backend)
     for name in (
@@ -266,13 +289,18 @@ def build_model(
 def build_scheduler_model(
     args: argparse.Namespace, num_classes: int, jit_compile: Any
 ) -> keras.Model:
-    """The small model of --scheduler-overhead, with seeded weights."""
-    keras.utils.set_random_seed(args.seed)  # the same weights in every case
+    """The small model of --scheduler-overhead, with the same seeded weights
+    in every case. (Seeded initializers, not keras.utils.set_random_seed,
+    which imports TensorFlow on every backend where it is installed.)"""
     model = keras_lsoftmax.Sequential([
         keras.Input((args.dim,)),
-        keras.layers.Dense(args.dim, activation="relu"),
+        keras.layers.Dense(
+            args.dim, activation="relu",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=args.seed),
+        ),
         keras_lsoftmax.LSoftmaxDense(
-            num_classes, margin=args.margin, initial_lambda=args.lam
+            num_classes, margin=args.margin, initial_lambda=args.lam,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=args.seed + 1),
         ),
     ])
     return compile_model(model, jit_compile)
@@ -541,11 +569,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     time_c = time_scheduler_one_c if args.scheduler_overhead else time_one_c
+    cases = (
+        f"fit with λ callbacks {', '.join(args.schedulers)}"
+        if args.scheduler_overhead
+        else f"{', '.join(args.api)} of {', '.join(args.variants)}"
+    )
+    progress = Progress(len(args.classes))
     rows = []
     for num_classes in args.classes:
         rows.extend(time_c(args, num_classes))
         keras.backend.clear_session()
         gc.collect()
+        progress.done_with(f"timed C={num_classes} ({cases})")
     # The baseline of the ratios, and the key the ratio goes under.
     baseline, ratio_key = (
         ("none", "ratio") if args.scheduler_overhead

@@ -8,6 +8,17 @@ Usage (from the repository root):
     python benchmarks/bench_head.py --features trained frozen --classes 10000
     python benchmarks/bench_head.py --backend jax --out bench_head_jax.json
     python benchmarks/bench_head.py --backend torch --out bench_head_torch.json
+    python benchmarks/bench_head.py --smoke  # a tiny run; its times mean nothing
+
+Run time of the default run (TensorFlow, C = 10, 1000, 10000, 100000, three
+variants, both compile modes, 30 rounds, memory probe) on a 2-core x86-64
+CPU: about 6 minutes, computed from the medians, `inner` and first-call
+times in `docs/benchmarks/bench_head_cpu.json` (4.6 min of timed rounds, the
+rest warm-up, compilation and the memory probe). `--smoke` (C = 10 and 100,
+B = 16, D = 32, 2 rounds of 2 steps, no memory probe) took 15 s after the
+imports (23 s in all), measured on the same machine shared with other
+work; most of it compiles the twelve steps. A line on stderr reports each
+C as it ends, with the time left.
 
 Backend (`--backend tensorflow|jax|torch`, default: `KERAS_BACKEND`, else
 tensorflow): read from the command line before Keras is imported. The step
@@ -139,11 +150,15 @@ if __name__ == "__main__":
 from benchmarks import backend_steps  # noqa: E402
 from benchmarks.backend_steps import StepUnavailable  # noqa: E402
 from benchmarks.backend_steps import Variant  # noqa: E402
+from benchmarks.common import HelpFormatter  # noqa: E402
+from benchmarks.common import Progress  # noqa: E402
+from benchmarks.common import add_run_arguments  # noqa: E402
 from benchmarks.common import add_timing_arguments  # noqa: E402
 from benchmarks.common import check_backend  # noqa: E402
 from benchmarks.common import device_scope  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
+from benchmarks.common import parse_smoke  # noqa: E402
 from benchmarks.common import ratio  # noqa: E402
 from benchmarks.common import report  # noqa: E402
 from benchmarks.common import sample_stats  # noqa: E402
@@ -161,6 +176,12 @@ LOSS = {
 }
 FEATURES = ("trained", "frozen")
 DEFAULT_CLASSES = (10, 1000, 10000, 100000)
+# --smoke: every variant, compile mode and row of the output, in seconds.
+# Two warm-up calls: torch.compile compiles again on the second.
+SMOKE = {
+    "classes": [10, 100], "batch": 16, "dim": 32, "repeats": 2,
+    "warmup": 2, "inner": 2, "memory": "none",
+}
 MIB = 1024.0 * 1024.0
 
 
@@ -170,6 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         allow_abbrev=False,
         description="Time a training step of LSoftmaxDense vs Dense vs an "
         "autodiff L-Softmax head (see the module docstring).",
+        formatter_class=HelpFormatter,
     )
     add_timing_arguments(
         parser,
@@ -189,12 +211,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     jit.add_argument(
         "--no-jit", action="store_true",
         help="only the uncompiled step: tf.function without XLA, JAX "
-        "without jax.jit, eager PyTorch",
+        "without jax.jit, eager PyTorch (default: both steps)",
     )
     jit.add_argument(
         "--jit-only", action="store_true",
         help="only the compiled step: tf.function(jit_compile=True), "
-        "jax.jit, torch.compile",
+        "jax.jit, torch.compile (default: both steps)",
     )
     parser.add_argument("--margin", type=int, default=4, help="margin m")
     parser.add_argument(
@@ -225,10 +247,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory-probes", type=int, default=3,
         help="probed steps per variant; the largest peak is reported",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the results as JSON to this path")
+    add_run_arguments(parser, "seed of the random problem", SMOKE)
     # Internal: run only the memory probe and write its results here.
     parser.add_argument("--memory-probe-out", help=argparse.SUPPRESS)
+    parse_smoke(parser, argv, SMOKE)
     args = parser.parse_args(argv)
     check_backend(parser, args.backend)
     for name in ("batch", "dim", "repeats", "margin"):
@@ -618,14 +640,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     rows = []
     peaks: dict[tuple[int, str, str, bool], int] = {}
+    progress = Progress(len(args.classes) + (method == "rss"))
+    cells = (
+        f"{', '.join(args.variants)}; jit "
+        f"{', '.join('yes' if jit else 'no' for jit in modes)}; features "
+        f"{', '.join(args.features)}"
+    )
     for num_classes in args.classes:
         c_rows, c_peaks = time_one_c(args, num_classes, modes, method)
         rows.extend(c_rows)
         peaks.update(c_peaks)
         gc.collect()
+        progress.done_with(f"timed C={num_classes} ({cells})")
 
     if method == "rss":
         peaks = probe_memory_subprocess(args, argv)
+        progress.done_with("memory probe (child process)")
 
     by_key = {
         (r["classes"], r["jit"], r["features"], r["variant"]): r for r in rows

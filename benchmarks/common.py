@@ -1,6 +1,6 @@
-"""What `bench_head.py` and `bench_fit.py` share: the backend, problem and
-timing arguments, the device scope, the statistics of timing samples, and the
-recording and formatting of their results.
+"""What the benchmark scripts share: the help formatter, the backend, problem
+and timing arguments, the device scope, the progress lines, the statistics
+of timing samples, and the recording and formatting of their results.
 
 Import it only after the backend is chosen (`benchmarks.backend_choice`): it
 imports Keras.
@@ -12,6 +12,8 @@ import importlib
 import json
 import os
 import platform
+import sys
+import time
 from typing import Any
 
 import keras
@@ -19,6 +21,17 @@ import numpy as np
 
 import keras_lsoftmax
 from benchmarks.backend_choice import BACKENDS
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default in `--help`, unless its help already
+    says what the default is (as in "default: KERAS_BACKEND, else
+    tensorflow")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_timing_arguments(
@@ -59,6 +72,40 @@ def add_timing_arguments(
     )
 
 
+def add_run_arguments(
+    parser: argparse.ArgumentParser, seed_help: str, smoke: dict[str, Any]
+) -> None:
+    """Adds --seed, --out and --smoke to `parser`: --smoke is a tiny run that
+    checks the script works end to end, with the defaults `smoke` (see
+    `parse_smoke`)."""
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument(
+        "--out", help="write the results as JSON to this path (default: "
+        "none, the table only)",
+    )
+    flags = ", ".join(
+        f"--{name.replace('_', '-')} "
+        + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+        for name, value in smoke.items()
+    )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help=f"a tiny run (seconds) that checks the script works; "
+        f"its times mean nothing. Sets the defaults {flags}; flags given "
+        "on the command line still win (default: off)",
+    )
+
+
+def parse_smoke(
+    parser: argparse.ArgumentParser, argv: list[str] | None,
+    defaults: dict[str, Any],
+) -> None:
+    """Makes `defaults` the parser's defaults when `argv` has --smoke."""
+    mode, _ = parser.parse_known_args(argv)
+    if mode.smoke:
+        parser.set_defaults(**defaults)
+
+
 def check_backend(parser: argparse.ArgumentParser, backend: str) -> None:
     """Stops with a usage error unless Keras runs on `backend`.
 
@@ -82,6 +129,49 @@ def device_scope(device: str | None) -> Any:
     names such as "cpu:0" and "gpu:0".
     """
     return keras.device(device) if device else contextlib.nullcontext()
+
+
+def duration(seconds: float) -> str:
+    """`seconds` as "0.4 s", "38 s", "4.2 min" or "1.5 h"."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """Prints a line to stderr as each of `total` measured configurations
+    ends: what it was, how long it took, the time so far and the time left.
+
+    The time left is that of the last configuration times the number still
+    to run: with the problems in increasing size (as the scripts' defaults
+    are), the last one is closer than the mean.
+
+    Args:
+        total: the number of configurations the run measures.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def done_with(self, what: str) -> None:
+        """Prints the line of the configuration `what`, just measured."""
+        now = time.perf_counter()
+        took, self.last = now - self.last, now
+        self.done += 1
+        left = took * (self.total - self.done)
+        print(
+            f"[{self.done}/{self.total}] {what}: {duration(took)} "
+            f"(elapsed {duration(now - self.start)}, about {duration(left)} "
+            "left)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def sample_stats(samples_ms: list[float]) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "LSoftmaxDense(margin=m) (default: %(default)s)")
     parser.add_argument("--augment", action="store_true",
                         help="CIFAR-10+: pad-4 random crops and flips, and "
-                        "the authors' CIFAR-10+ λ gamma (1e-5)")
+                        "the authors' CIFAR-10+ λ gamma (1e-5) (default: off)")
     parser.add_argument("--iterations", type=int, default=ITERATIONS,
                         help="training steps, rounded up to whole epochs "
                         "(default: %(default)s)")
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_validation_arg(parser)
     parser.add_argument("--mixed-precision", action="store_true",
                         help="mixed_float16 policy (GPU); the L-Softmax head "
-                        "computes in float32 anyway")
+                        "computes in float32 anyway (default: off, float32)")
     args = parser.parse_args(argv)
     if args.margin < 0:
         parser.error("--margin must be 0 (softmax) or a positive integer")

@@ -70,7 +70,7 @@ def _add_common_args(parser: argparse.ArgumentParser, dataset: str) -> None:
         "--smoke",
         action="store_true",
         help=f"smoke test: {SMOKE_TRAIN} training and {SMOKE_TEST} test "
-        "images, one epoch",
+        "images, one epoch (default: off)",
     )
     parser.add_argument(
         "--verbose",
@@ -100,7 +100,7 @@ def add_sgd_args(parser: argparse.ArgumentParser) -> None:
     """Adds --batch-size, --learning-rate, --lr-drops and --weight-decay to
     `parser`."""
     parser.add_argument("--batch-size", type=int, default=256,
-                        help="(default: %(default)s)")
+                        help="training batch size (default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=0.1,
                         help="initial SGD learning rate, divided by 10 at "
                         "each of --lr-drops (default: %(default)s)")
@@ -122,7 +122,8 @@ def add_mnist_run_args(
                         help="epochs per run (default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="training steps per run; overrides --epochs "
-                        "(rounded up to whole epochs)")
+                        "(rounded up to whole epochs) (default: none, "
+                        "--epochs decides)")
     add_sgd_args(parser)
     parser.add_argument("--lambda-cross", type=float, default=AUTHORS_CROSSING,
                         help="fraction of the run at which λ crosses 1 "
@@ -137,7 +138,7 @@ def add_validation_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation", action="store_true",
                         help=f"hold out {VALIDATION_SIZE} training images and "
                         "report on them; the test set is not used (for "
-                        "choosing a recipe)")
+                        "choosing a recipe) (default: off)")
 
 
 def split_name(args) -> str:

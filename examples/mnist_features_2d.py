@@ -278,14 +278,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: %(default)s)")
     parser.add_argument("--no-feature-bn", action="store_true",
                         help="no BatchNorm on the 2-D features (the FC 2 "
-                        "gets a bias instead)")
+                        "gets a bias instead) (default: off, BatchNorm)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="train N models at a time, each in its own "
                         "process; 2 finishes sooner on 2 CPU cores (on a "
                         "GPU keep 1) (default: %(default)s)")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's full Fig. 2 network (5×5 convs "
-                        "32/64/128, two per group; slow on a CPU)")
+                        "32/64/128, two per group; slow on a CPU) "
+                        "(default: off, the shrunk network)")
     args = parser.parse_args(argv)
     if any(m < 1 for m in args.margins):
         parser.error("--margins must be positive integers (1 = softmax)")

@@ -205,11 +205,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_mnist_run_args(parser, lambda_min=0.0)
     parser.add_argument("--lambda-gamma", type=float, default=None,
                         help="use this gamma instead of scaling it with "
-                        "--lambda-cross (--paper: 2.5e-5)")
+                        "--lambda-cross (default: none, scaled; --paper: "
+                        "2.5e-5)")
     common.add_validation_arg(parser)
     parser.add_argument("--paper", action="store_true",
                         help="the paper's MNIST network and schedule (18k "
-                        "iterations, InverseDecay(1000, 2.5e-5, 35)); for a GPU")
+                        "iterations, InverseDecay(1000, 2.5e-5, 35)); for a GPU "
+                        "(default: off)")
     args = parser.parse_args(argv)
     if any(m < 0 for m in args.margins):
         parser.error("--margins must be 0 (softmax) or positive integers")

@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data",
         metavar="PATH",
         default=None,
-        help="local mnist.npz (x_train, y_train, x_test, y_test); default: "
+        help="local mnist.npz (x_train, y_train, x_test, y_test); None: "
         "keras.datasets.mnist.load_data(), which downloads.",
     )
     source.add_argument(

@@ -2,29 +2,34 @@
 
 The scripts run in-process on the backend of the suite, and as programs in
 a subprocess with `--backend jax` / `--backend torch` (Keras fixes its
-backend at import), whatever the suite's backend. No test here asserts a
-time.
+backend at import) from the TensorFlow suite, where that backend's package
+is installed. No test here asserts a time.
+
+TensorFlow (and the autodiff reference, written in it) is imported only
+inside TensorFlow tests: a JAX or PyTorch suite never loads it.
 """
 
+import importlib.util
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from benchmarks import backend_steps
 from benchmarks import bench_fit
 from benchmarks import bench_head
 from benchmarks import bench_mnist
+from benchmarks import report
 from benchmarks.backend_choice import select_backend
+from benchmarks.common import duration
 from benchmarks.common import sample_stats
-from benchmarks.autodiff_reference import AutodiffLSoftmaxDense
-from benchmarks.autodiff_reference import autodiff_lsoftmax_logits
 from keras_lsoftmax import ops
 
 _ROW_KEYS = {
@@ -208,11 +213,17 @@ def test_bench_fit_scheduler_overhead(tmp_path, capsys):
 
 
 def test_select_backend_reads_the_flag(monkeypatch):
-    monkeypatch.delenv("KERAS_BACKEND", raising=False)
-    select_backend(["--classes", "3"])
-    assert "KERAS_BACKEND" not in os.environ
-    select_backend(["--classes", "3", "--backend", "torch", "--out", "x"])
-    assert os.environ["KERAS_BACKEND"] == "torch"
+    before = dict(os.environ)
+    with monkeypatch.context() as patch:
+        # A copy without KERAS_BACKEND: select_backend writes os.environ
+        # itself, which monkeypatch's own delenv would not undo.
+        patch.setattr(os, "environ", os.environ.copy())
+        patch.delitem(os.environ, "KERAS_BACKEND", raising=False)
+        select_backend(["--classes", "3"])
+        assert "KERAS_BACKEND" not in os.environ
+        select_backend(["--classes", "3", "--backend", "torch", "--out", "x"])
+        assert os.environ["KERAS_BACKEND"] == "torch"
+    assert dict(os.environ) == before
 
 
 def test_backend_other_than_loaded_is_an_error(capsys):
@@ -284,6 +295,21 @@ _SCHEDULER_TINY = [
 ]  # fmt: skip
 
 
+def _installed(*backends):
+    """`backends` as pytest parameters, each skipped (with the reason) when
+    its package is not installed."""
+    return [
+        pytest.param(
+            backend,
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec(backend) is None,
+                reason=f"{backend} is not installed",
+            ),
+        )
+        for backend in backends
+    ]
+
+
 def _run_script(tmp_path, script, backend, args, environment_backend=None):
     """Runs benchmarks/`script` as a program with `--backend backend` and
     KERAS_BACKEND=`environment_backend` (default: `backend`); returns its
@@ -350,7 +376,7 @@ def _check_scheduler_rows(rows, backend):
 # subprocess with `--backend`; the JAX and PyTorch suites time their own
 # backend in process with the tests above.
 @pytest.mark.tensorflow
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", _installed("jax", "torch"))
 def test_bench_head_runs_on_backend(tmp_path, backend):
     # torch.compile takes minutes on a small CPU: eager only here, the
     # compiled step in the slow test below.
@@ -369,7 +395,7 @@ def test_bench_head_runs_on_backend(tmp_path, backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", _installed("jax", "torch"))
 def test_bench_head_compiled_with_memory_probe(tmp_path, backend):
     data = _run_script(
         tmp_path, "bench_head.py", backend,
@@ -386,18 +412,16 @@ def test_bench_head_compiled_with_memory_probe(tmp_path, backend):
 # subprocess with `--backend`; the JAX and PyTorch suites time their own
 # backend in process with the tests above.
 @pytest.mark.tensorflow
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", _installed("jax", "torch"))
 def test_bench_fit_runs_on_backend(tmp_path, backend):
-    data = _run_script(
-        tmp_path, "bench_fit.py", backend,
-        ["--classes", "30", "--batch", "8", "--dim", "16", "--repeats", "2",
-         "--warmup", "1", "--inner", "2", "--fit-batches", "3"],
-    )  # fmt: skip
-    assert sorted((r["api"], r["variant"]) for r in data["rows"]) == [
-        ("fit", "dense"),
-        ("fit", "lsoftmax"),
-        ("train_on_batch", "dense"),
-        ("train_on_batch", "lsoftmax"),
+    data = _run_script(tmp_path, "bench_fit.py", backend, ["--smoke"])
+    assert sorted(
+        (r["classes"], r["api"], r["variant"]) for r in data["rows"]
+    ) == [
+        (c, api, v)
+        for c in (10, 100)
+        for api in ("fit", "train_on_batch")
+        for v in ("dense", "lsoftmax")
     ]
     for r in data["rows"]:
         assert r["backend"] == backend and r["median_ms"] > 0
@@ -408,31 +432,175 @@ def test_bench_fit_runs_on_backend(tmp_path, backend):
 # subprocess with `--backend`; the JAX and PyTorch suites time their own
 # backend in process with the tests above.
 @pytest.mark.tensorflow
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", _installed("jax", "torch"))
 def test_bench_fit_scheduler_overhead_on_backend(tmp_path, backend):
     data = _run_script(tmp_path, "bench_fit.py", backend, _SCHEDULER_TINY)
     _check_scheduler_rows(data["rows"], backend)
 
 
-def test_bench_head_help(capsys):
+_TIMING_FLAGS = [
+    "--backend", "--classes", "--batch", "--dim", "--repeats", "--warmup",
+    "--inner", "--min-sample-ms",
+]
+_RUN_FLAGS = ["--seed", "--out", "--smoke"]
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        (bench_head, [*_TIMING_FLAGS, "--device", "--no-jit", "--jit-only",
+                      "--margin", "--lam", "--variants", "--features",
+                      "--memory", "--memory-probes", *_RUN_FLAGS]),
+        (bench_fit, [*_TIMING_FLAGS, "--fit-batches", "--api",
+                     "--jit-compile", "--device", "--margin", "--lam",
+                     "--variants", "--scheduler-overhead", "--schedulers",
+                     "--epochs", *_RUN_FLAGS]),
+        (bench_mnist, ["--data", "--limit", "--epochs", "--batch-size",
+                       *_RUN_FLAGS]),
+    ],
+)
+def test_help_states_every_default(capsys, script, flags):
     with pytest.raises(SystemExit) as exit_info:
-        bench_head.main(["--help"])
+        script.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in (
-        "--classes",
-        "--batch",
-        "--dim",
-        "--repeats",
-        "--warmup",
-        "--device",
-        "--no-jit",
-        "--jit-only",
-        "--margin",
-        "--out",
-        "--variants",
-    ):
-        assert flag in help_text
+    assert re.findall(r"^  (--[\w-]+)", help_text, re.MULTILINE) == flags
+    for flag in flags:
+        # The flag's line and the more deeply indented ones below it.
+        entry = re.search(
+            rf"^  {flag}\b.*(?:\n {{3,}}\S.*)*", help_text, re.MULTILINE
+        )
+        assert "default" in entry.group(), entry.group()
+
+
+def test_duration():
+    assert [duration(s) for s in (0.44, 38.4, 249.0, 5400.0, 9000.0)] == [
+        "0.4 s", "38 s", "4.2 min", "90.0 min", "2.5 h"
+    ]
+
+
+def _progress_lines(err):
+    return [line for line in err.splitlines() if line.startswith("[")]
+
+
+def test_bench_head_smoke(tmp_path, capsys):
+    out = tmp_path / "smoke.json"
+    # torch.compile takes minutes on a small CPU: eager there.
+    eager = ["--no-jit"] if keras.backend.backend() == "torch" else []
+    results = bench_head.main(["--smoke", *eager, "--out", str(out)])
+    captured = capsys.readouterr()
+    data = json.loads(out.read_text())
+    config = data["config"]
+    assert (config["classes"], config["batch"], config["dim"]) == (
+        [10, 100], 16, 32
+    )
+    assert config["memory_method"] == "none" and config["repeats"] == 2
+    modes = [False] if eager else [True, False]
+    rows = data["rows"]
+    assert len(rows) == 2 * len(modes) * len(config["variants"])
+    assert {r["classes"] for r in rows} == {10, 100}
+    for r in rows:
+        assert r["unavailable"] is None and r["inner"] == 2
+        assert len(r["samples_ms"]) == 2 and r["median_ms"] > 0
+        assert math.isfinite(r["final_loss"]) and r["ratio_to_dense"] > 0
+    assert results["markdown"] == data["markdown"]
+    assert len(_table_rows(captured.out)) == len(rows)
+    progress = _progress_lines(captured.err)
+    assert [line.split(" ")[:3] for line in progress] == [
+        ["[1/2]", "timed", "C=10"], ["[2/2]", "timed", "C=100"]
+    ]
+    assert all(re.search(r"\(elapsed [\d.]+ s, about [\d.]+ s left\)$", line)
+               for line in progress)
+    assert progress[-1].endswith("about 0.0 s left)")
+
+
+@pytest.mark.parametrize("mode", [[], ["--scheduler-overhead"]])
+def test_bench_fit_smoke(tmp_path, capsys, mode):
+    out = tmp_path / "smoke.json"
+    bench_fit.main(["--smoke", *mode, "--out", str(out)])
+    captured = capsys.readouterr()
+    data = json.loads(out.read_text())
+    config = data["config"]
+    assert (config["classes"], config["batch"], config["dim"]) == (
+        [10, 100], 16, 32
+    )
+    assert (config["repeats"], config["fit_batches"]) == (2, 3)
+    rows = data["rows"]
+    per_c = 3 if mode else 4  # λ callbacks, or APIs × variants
+    assert len(rows) == 2 * per_c
+    for r in rows:
+        assert len(r["samples_ms"]) == 2 and r["median_ms"] > 0
+        assert math.isfinite(r["final_loss"])
+    if mode:
+        # One epoch of 3 batches per fit: the warm-up fit and the two timed
+        # ones drove λ to its value at step 9.
+        for r in rows:
+            assert r["steps_per_sample"] == 3
+            if r["variant"] != "none":
+                assert r["final_lambda"] == pytest.approx(
+                    bench_fit.host_inverse_decay(9), rel=1e-5
+                )
+    assert len(_table_rows(captured.out)) == len(rows)
+    progress = _progress_lines(captured.err)
+    assert [line.split(" ")[:3] for line in progress] == [
+        ["[1/2]", "timed", "C=10"], ["[2/2]", "timed", "C=100"]
+    ]
+
+
+def test_bench_mnist_smoke_needs_no_download(tmp_path, capsys):
+    out = tmp_path / "mnist.json"
+    result = bench_mnist.main(["--smoke", "--out", str(out)])
+    captured = capsys.readouterr()
+    saved = json.loads(out.read_text())
+    assert saved["data"] == "random (--smoke)"
+    assert (saved["images"], saved["batch_size"], saved["epochs_timed"]) == (
+        320, 64, 1
+    )
+    assert saved["backend"] == keras.backend.backend()
+    assert result["ratio"] == pytest.approx(saved["ratio"], rel=1e-9)
+    assert "| LSoftmaxDense(m=4) |" in captured.out
+    assert [line.split(":")[0] for line in _progress_lines(captured.err)] == [
+        "[1/4] dense epoch 0/1 (warm-up)",
+        "[2/4] lsoftmax epoch 0/1 (warm-up)",
+        "[3/4] dense epoch 1/1",
+        "[4/4] lsoftmax epoch 1/1",
+    ]
+
+
+def test_docs_page_is_the_generated_one():
+    with open(report.PAGE, encoding="utf-8") as f:
+        committed = f.read()
+    assert committed == report.render()
+    assert report.main(["--check"]) == 0
+    lines = committed.splitlines()
+    assert lines[0] == "# Benchmarks"
+    assert "costs about what a `Dense` step costs" in lines[2]
+    for command in report.SMOKE_COMMANDS:
+        assert f"\n{command}\n" in committed
+    # One section per JSON file, each with its file's table.
+    for section in report.SECTIONS:
+        assert f"\n## {section['title']}\n" in committed
+        path = os.path.join(report.RESULTS, section["file"])
+        with open(path) as f:
+            assert report.table(json.load(f)) in committed
+
+
+def test_report_check_fails_on_a_stale_page(tmp_path, monkeypatch, capsys):
+    page = tmp_path / "benchmarks.md"
+    page.write_text(report.render().replace("0.95", "0.96", 1))
+    monkeypatch.setattr(report, "PAGE", str(page))
+    assert report.main(["--check"]) == 1
+    assert "run python benchmarks/report.py" in capsys.readouterr().err
+    assert report.main([]) == 0
+    assert report.main(["--check"]) == 0
+
+
+def test_report_refuses_a_result_without_a_section(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(report.RESULTS, results)
+    (results / "bench_new.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no section .* for bench_new.json"):
+        report.render(str(results))
 
 
 def test_memory_device_names():
@@ -444,6 +612,8 @@ def test_memory_device_names():
 
 
 def _random_problem(seed, batch=16, dim=8, classes=12):
+    import tensorflow as tf
+
     rng = np.random.default_rng(seed)
     x = tf.constant(rng.standard_normal((batch, dim)))
     # The reference's (D, C) layout, that of a Dense kernel.
@@ -458,6 +628,10 @@ def _random_problem(seed, batch=16, dim=8, classes=12):
 @pytest.mark.parametrize("margin", [1, 2, 3, 4])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 7.0])
 def test_autodiff_reference_matches_op_float64(margin, lam):
+    import tensorflow as tf
+
+    from benchmarks.autodiff_reference import autodiff_lsoftmax_logits
+
     x, w, labels, upstream = _random_problem(seed=10 * margin + int(lam))
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([x, w])
@@ -487,6 +661,10 @@ def test_autodiff_reference_matches_op_float64(margin, lam):
 
 @pytest.mark.tensorflow
 def test_autodiff_reference_psi_values():
+    import tensorflow as tf
+
+    from benchmarks.autodiff_reference import autodiff_lsoftmax_logits
+
     # ψ(θ) at known angles for m = 4: the target logit is ‖x‖‖w‖ψ(θ).
     for theta, expected in [
         (0.0, 1.0),
@@ -502,6 +680,9 @@ def test_autodiff_reference_psi_values():
 
 @pytest.mark.tensorflow
 def test_autodiff_layer_matches_lsoftmax_dense():
+    import tensorflow as tf
+
+    from benchmarks.autodiff_reference import AutodiffLSoftmaxDense
     from keras_lsoftmax import LSoftmaxDense
 
     rng = np.random.default_rng(3)

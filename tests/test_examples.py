@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -298,6 +299,8 @@ def examples_module(monkeypatch):
     return load
 
 
+# cifar10, mnist_margin_comparison and multi_worker import TensorFlow (tf.data,
+# tf.distribute): loaded only in the TensorFlow suite.
 @pytest.mark.parametrize(
     "script, flags",
     [
@@ -305,11 +308,24 @@ def examples_module(monkeypatch):
                                "--margins", "--paper", "--validation",
                                "--no-feature-bn", "--lr-drops", "--shift",
                                "--jobs", "--convs-per-group"]),
-        ("mnist_margin_comparison", ["--data", "--seeds", "--out", "--smoke",
-                                     "--validation", "--paper",
-                                     "--lambda-min"]),
-        ("cifar10", ["--data", "--seed", "--out", "--smoke", "--margin",
-                     "--augment", "--lr-drops"]),
+        pytest.param(
+            "mnist_margin_comparison",
+            ["--data", "--seeds", "--out", "--smoke", "--validation",
+             "--paper", "--lambda-min"],
+            marks=pytest.mark.tensorflow,
+        ),
+        pytest.param(
+            "cifar10",
+            ["--data", "--seed", "--out", "--smoke", "--margin", "--augment",
+             "--lr-drops"],
+            marks=pytest.mark.tensorflow,
+        ),
+        pytest.param(
+            "multi_worker",
+            ["--worker-index", "--ports", "--data", "--synthetic", "--steps",
+             "--out"],
+            marks=pytest.mark.tensorflow,
+        ),
     ],
 )
 def test_help(examples_module, capsys, script, flags):
@@ -320,6 +336,13 @@ def test_help(examples_module, capsys, script, flags):
     text = capsys.readouterr().out
     for flag in flags:
         assert flag in text
+    # One entry per option ("  --flag ..." and its indented lines): each
+    # but --help states its default.
+    entries = re.split(r"\n  (?=-)", text.split("\noptions:\n", 1)[1])
+    assert len(entries) > len(flags)
+    for entry in entries:
+        if not entry.lstrip().startswith("-h, --help"):
+            assert "default" in entry, entry
 
 
 def test_scaled_gamma_reproduces_the_authors_mnist_setting(examples_module):
@@ -385,6 +408,7 @@ def test_angle_stats(examples_module):
     assert stats["inter_weights"] == pytest.approx(45.0, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.tensorflow  # the script imports TensorFlow
 def test_paired_table(examples_module):
     comparison = examples_module("mnist_margin_comparison")
     runs = [
@@ -422,8 +446,14 @@ def test_progress_prints_each_epoch_with_the_time_left(
     common = examples_module("common")
     import keras
 
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    # A seeded initializer: keras.utils.set_random_seed would import
+    # TensorFlow under every backend.
+    model = keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.Dense(
+            2, kernel_initializer=keras.initializers.GlorotUniform(seed=0)
+        ),
+    ])
     model.compile(optimizer="sgd", loss="mse")
     progress = common.Progress(total_epochs=5)
     x, y = np.zeros((8, 3), "float32"), np.zeros((8, 2), "float32")

@@ -1,0 +1,444 @@
+"""Writes `docs/benchmarks.md` from the JSON results in `docs/benchmarks/`.
+
+Usage (from the repository root):
+
+    python benchmarks/report.py          # writes docs/benchmarks.md
+    python benchmarks/report.py --check  # exits 1 if the page differs
+
+The page has one section per JSON file: what it measures, the command that
+wrote it, the machine and versions recorded in it (or, for a file that
+records none, those stated here), the problem's configuration, and its
+table, with what the table shows. The summary at the top is computed from
+the same files. A JSON file in `docs/benchmarks/` that no section names is
+an error, so that no result goes unreported.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import benchmarks  # noqa: F401
+except ImportError:  # run as `python benchmarks/report.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_mnist import markdown as mnist_markdown  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "docs", "benchmarks")
+PAGE = os.path.join(ROOT, "docs", "benchmarks.md")
+BACKEND_NAMES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
+
+_HEAD = (
+    "`benchmarks/bench_head.py` times a whole training step (forward, "
+    "cross-entropy, backward into the features and the kernel, "
+    "SGD-with-momentum update) of heads with the same inputs: "
+    "`keras.layers.Dense(C, use_bias=False)`, `LSoftmaxDense(C, margin=4)`"
+)
+
+# One section per JSON file, in the page's order: "file", "title",
+# "measures" (what the script times), "command", "notes" (what the table
+# shows) and, for a file that records no machine, "machine".
+SECTIONS: list[dict[str, Any]] = [
+    {
+        "file": "bench_head_cpu.json",
+        "title": "The head's training step, TensorFlow",
+        "measures": _HEAD + " and a straightforward autodiff implementation "
+        "of the same margin math (`benchmarks/autodiff_reference.py`, not "
+        "part of the package). The variants run interleaved after warm-up; "
+        "the table gives medians and the ratio to Dense in the same run and "
+        "compile mode, and the peak memory of a step (CPU: resident memory "
+        "of a child process; GPU: the TensorFlow allocator's peak).",
+        "command": "python benchmarks/bench_head.py "
+        "--out docs/benchmarks/bench_head_cpu.json",
+        "notes": [
+            "The margin costs a few percent of a Dense step or less, with "
+            "and without XLA (`jit_compile=True`, the Keras default on "
+            "GPUs). This shared 2-core machine is noisy: repeated runs move "
+            "a ratio by about ±0.04 at C = 1000 (see the IQR column).",
+            "At C = 10 000 and 100 000 the L-Softmax step is even faster and "
+            "smaller than Dense's. This comes from the kernel layout, not "
+            "the margin: `LSoftmaxDense` stores one row per class, (C, D), "
+            "and TensorFlow's CPU matrix products are faster for that layout "
+            "than for Dense's (D, C) kernel.",
+            "Besides Dense's three matrix products, the op touches only the "
+            "B labelled rows of the kernel and the B labelled entries of the "
+            "logits and of their gradient: the class weights are gathered as "
+            "B contiguous rows, and the radial term of the kernel gradient "
+            "is added to the B labelled rows in place. With C ≤ B classes, a "
+            "pass over the whole (small) kernel is used instead.",
+            "Outside XLA, TensorFlow's `tf.tensor_scatter_nd_add` / "
+            "`_update` copy their whole input on every call: their kernel "
+            "tries to reuse the buffer of the `updates` argument, never that "
+            "of the tensor. At C = 100 000 those copies cost about 150 ms of "
+            "a 1 s step. The op uses `ScatterNdNonAliasingAdd`, which "
+            "updates in place. Under XLA it keeps `tensor_scatter_nd_add`, "
+            "which XLA updates in place by itself.",
+            "At every C the L-Softmax step is faster and smaller than the "
+            "autodiff formulation.",
+        ],
+    },
+    {
+        "file": "bench_head_features_cpu.json",
+        "title": "Linear probe (frozen features), TensorFlow",
+        "measures": _HEAD + ", with the features trained (as above) and "
+        "frozen (`--features frozen`): the step of a head trained on fixed "
+        "features, where only the kernel gets a gradient, for Dense as for "
+        "L-Softmax. Both settings run in the same rounds.",
+        "command": "python benchmarks/bench_head.py --classes 1000 10000 "
+        "100000 --features trained frozen --variants dense lsoftmax "
+        "--repeats 20 --out docs/benchmarks/bench_head_features_cpu.json",
+        "notes": [
+            "Outside XLA, with more classes than samples, the op runs its "
+            "forward pass as one small XLA computation on CPU-only machines: "
+            "TensorFlow's CPU matrix product has no fast orientation for "
+            "x·Wᵀ with a (C, D) kernel, and the (B, C) transpose it would "
+            "need costs some 3 ms of a 55 ms step at C = 10 000, which the "
+            "feature gradient no longer hides when the features are frozen. "
+            "The backward pass stays in TensorFlow.",
+            "At C = 1000 the op's fixed cost (a few dozen small kernels, "
+            "about 1 ms) still shows on frozen features: 1.07 to 1.14 times "
+            "Dense.",
+        ],
+    },
+    {
+        "file": "bench_fit_cpu.json",
+        "title": "Through `fit` and `train_on_batch`, TensorFlow",
+        "measures": "`benchmarks/bench_fit.py` times what a user runs: "
+        "`train_on_batch` and `fit` of `keras_lsoftmax.Sequential([Input(("
+        "512,)), LSoftmaxDense(C, margin=4)])` against "
+        "`keras.Sequential([Input((512,)), Dense(C, use_bias=False)])`, "
+        "both compiled with SGD (momentum 0.9), sparse cross-entropy and "
+        "`metrics=[\"accuracy\"]`, B = 256. The margin model's `train_step` "
+        "also hands the labels to the head, puts the plain target logits "
+        "back for the metrics (an O(B) update, which reuses the logits' "
+        "buffer once the loss is done with it) and logs λ and θ.",
+        "command": "python benchmarks/bench_fit.py --classes 1000 10000 "
+        "--repeats 30 --out docs/benchmarks/bench_fit_cpu.json",
+        "notes": [
+            "At C = 1000 a step is 11 to 16 ms and its fixed costs weigh "
+            "more (1.08 to 1.19 times Dense); the `fit` row moved between "
+            "0.97 and 1.32 over three runs on this machine.",
+        ],
+    },
+    {
+        "file": "bench_mnist_cpu.json",
+        "title": "A small MNIST CNN, TensorFlow",
+        "measures": "`benchmarks/bench_mnist.py` times epochs of a small "
+        "MNIST CNN (two 3×3 convs, 32 and 64 filters, each with a 2×2 max "
+        "pool, then Dense(128)) with a Dense head and with "
+        "`LSoftmaxDense(10, margin=4)`: 60000 images, batch 128, SGD with "
+        "momentum 0.9, one warm-up and three timed epochs per head, "
+        "interleaved.",
+        "command": "python benchmarks/bench_mnist.py "
+        "--out docs/benchmarks/bench_mnist_cpu.json",
+        "machine": "the same 2-core x86-64 CPU as the other sections, "
+        "TensorFlow 2.21, Keras 3.15 (this file records no machine)",
+        "notes": [
+            "The head is a small part of the epoch, and epochs vary by ±10% "
+            "on this machine.",
+        ],
+    },
+    {
+        "file": "bench_head_tensorflow.json",
+        "title": "Every backend: TensorFlow",
+        "measures": "The step of the first section, `LSoftmaxDense(C, "
+        "margin=4)` against `Dense(C, use_bias=False)` only, on each Keras "
+        "backend (this section and the next two), each backend in one run.",
+        "command": "python benchmarks/bench_head.py --backend tensorflow "
+        "--classes 1000 10000 100000 --variants dense lsoftmax --repeats 10 "
+        "--out docs/benchmarks/bench_head_tensorflow.json",
+        "notes": [],
+    },
+    {
+        "file": "bench_head_jax.json",
+        "title": "Every backend: JAX",
+        "measures": "As in the TensorFlow section, on JAX.",
+        "command": "python benchmarks/bench_head.py --backend jax "
+        "--classes 1000 10000 100000 --variants dense lsoftmax --repeats 10 "
+        "--out docs/benchmarks/bench_head_jax.json",
+        "notes": [
+            "Not compiled, JAX (op by op) needs 1.17–1.39 times Dense's peak "
+            "memory: its eager path keeps (B, C)-sized buffers that the "
+            "compiled step updates in place. Use `jit` (Keras's default).",
+        ],
+    },
+    {
+        "file": "bench_head_torch.json",
+        "title": "Every backend: PyTorch",
+        "measures": "As in the TensorFlow section, on PyTorch (CPU build).",
+        "command": "python benchmarks/bench_head.py --backend torch "
+        "--classes 1000 10000 100000 --variants dense lsoftmax --repeats 10 "
+        "--out docs/benchmarks/bench_head_torch.json",
+        "notes": [
+            "From C = 10 000 up, every backend runs the L-Softmax step at "
+            "0.92–1.06 times Dense, compiled or not. Compiled (the Keras "
+            "default on JAX and on GPUs), its peak memory is at most Dense's "
+            "plus 5 % (PyTorch keeps the B labelled class weights for the "
+            "backward pass); TensorFlow and JAX need less than Dense.",
+            "At C = 1 000 without compilation, JAX and PyTorch run the "
+            "L-Softmax step at 1.15 and 1.16 times Dense: there the per-step "
+            "work outside the matrix products (a dozen (B, D) element-wise "
+            "operations and the label checks, each dispatched from Python) "
+            "is about 1.3 ms of an 8–22 ms step. Compiled, the same cases "
+            "are 0.96 and 1.09.",
+            "PyTorch keeps a variable's strides, so the kernel is stored "
+            "row-major when it is created: a transposed (C, D) view would make "
+            "every step 1.3–1.7 times a Dense step.",
+        ],
+    },
+    {
+        "file": "scheduler_overhead_tensorflow.json",
+        "title": "λ schedule inside the step: TensorFlow",
+        "measures": "`benchmarks/bench_fit.py --scheduler-overhead` times "
+        "`fit` of a small model (Input(64) → Dense(64) → "
+        "`LSoftmaxDense(10)`, batch 128, 100 batches × 2 epochs per "
+        "sample) without a callback, with `LambdaScheduler(InverseDecay("
+        "...))` (λ computed in the step) and with `LambdaScheduler(lambda "
+        "step: ...)` (a plain callable, evaluated on the host before every "
+        "batch), interleaved; this section and the next two, one per "
+        "backend.",
+        "command": "python benchmarks/bench_fit.py --backend tensorflow "
+        "--scheduler-overhead --repeats 40 "
+        "--out docs/benchmarks/scheduler_overhead_tensorflow.json",
+        "notes": [],
+    },
+    {
+        "file": "scheduler_overhead_jax.json",
+        "title": "λ schedule inside the step: JAX",
+        "measures": "As in the previous section, on JAX.",
+        "command": "python benchmarks/bench_fit.py --backend jax "
+        "--scheduler-overhead --repeats 40 "
+        "--out docs/benchmarks/scheduler_overhead_jax.json",
+        "notes": [],
+    },
+    {
+        "file": "scheduler_overhead_torch.json",
+        "title": "λ schedule inside the step: PyTorch",
+        "measures": "As in the previous two sections, on PyTorch.",
+        "command": "python benchmarks/bench_fit.py --backend torch "
+        "--scheduler-overhead --repeats 40 "
+        "--out docs/benchmarks/scheduler_overhead_torch.json",
+        "notes": [
+            "The in-step schedule adds a handful of scalar operations to the "
+            "step; its ratios to no callback are within the run-to-run noise "
+            "of this machine (IQRs of 15–25 % of a step). The host-side "
+            "callable costs a synchronisation per batch: 1.19 times on "
+            "TensorFlow and 2.07 times on JAX, whose compiled step is "
+            "otherwise asynchronous.",
+        ],
+    },
+]
+
+SMOKE_COMMANDS = [
+    "python benchmarks/bench_head.py --smoke",
+    "python benchmarks/bench_fit.py --smoke",
+    "python benchmarks/bench_fit.py --scheduler-overhead --smoke",
+    "python benchmarks/bench_mnist.py --smoke",
+]
+
+
+def load_results(directory: str) -> dict[str, dict[str, Any]]:
+    """The JSON files of `directory`, by file name; every one must have a
+    section."""
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+    known = {s["file"] for s in SECTIONS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(
+            f"{directory}: no section in benchmarks/report.py for "
+            f"{', '.join(unknown)}"
+        )
+    missing = sorted(known - set(names))
+    if missing:
+        raise SystemExit(f"{directory}: missing {', '.join(missing)}")
+    results = {}
+    for name in names:
+        with open(os.path.join(directory, name)) as f:
+            results[name] = json.load(f)
+    return results
+
+
+def _environment(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The machine and versions a result records (`config` for bench_head
+    and bench_fit, top level for bench_mnist), or None."""
+    env = result.get("config", result)
+    return env if "platform" in env else None
+
+
+def machine_line(result: dict[str, Any], stated: str | None) -> str:
+    """"Measured on ...": the recorded machine and versions, else `stated`."""
+    env = _environment(result)
+    if env is None:
+        return f"Measured on {stated}."
+    backend = env.get("backend") or next(b for b in BACKEND_NAMES if b in env)
+    return (
+        f"Measured on {env['cpu_count']} CPU cores, {env['platform']}; "
+        f"Python {env['python']}, {BACKEND_NAMES[backend]} {env[backend]}, "
+        f"Keras {env['keras']}, keras_lsoftmax {env['keras_lsoftmax']}."
+    )
+
+
+def config_line(result: dict[str, Any]) -> str:
+    """The problem and timing settings a result records."""
+    config = result.get("config")
+    if config is None:  # bench_mnist
+        return (
+            f"Images: {result['images']}, batch {result['batch_size']}, "
+            f"{result['epochs_timed']} timed epochs per head."
+        )
+    parts = [
+        f"C = {', '.join(map(str, config['classes']))}",
+        f"B = {config['batch']}",
+        f"D = {config['dim']}",
+        config["dtype"],
+        f"margin {config['margin']}",
+        f"initial λ = {config['lam']:g}",
+        f"{config['repeats']} interleaved rounds after {config['warmup']} "
+        "warm-up calls",
+    ]
+    if config.get("mode") == "scheduler_overhead":
+        parts.append(
+            f"model: {config['model']}, {config['fit_batches']} batches × "
+            f"{config['epochs']} epochs per sample, schedule "
+            f"{config['schedule']}"
+        )
+    if "jit_meaning" in config:
+        parts.append(f"jit: {config['jit_meaning']}")
+    if config.get("jit_compile"):
+        parts.append(f"jit_compile: {', '.join(config['jit_compile'])}")
+    parts.append(f"device: {config['device'] or 'the backend placement'}")
+    parts.append(f"loss: {config['loss']}")
+    parts.append(f"optimizer: {config['optimizer']}")
+    if config.get("memory_method"):
+        parts.append(
+            "peak memory: "
+            + config.get("memory_method_detail", config["memory_method"])
+        )
+    return "Configuration: " + "; ".join(parts) + "."
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result's own Markdown table (bench_mnist's, rebuilt)."""
+    return result["markdown"] if "markdown" in result else mnist_markdown(result)
+
+
+def _ratio_range(
+    results: dict[str, dict[str, Any]], files: list[str],
+    keep: Callable[[dict[str, Any]], bool],
+) -> tuple[float, float]:
+    """The smallest and largest `ratio_to_dense` of the L-Softmax rows of
+    `files` that `keep` accepts."""
+    ratios = [
+        row["ratio_to_dense"]
+        for name in files
+        for row in results[name]["rows"]
+        if row["variant"] == "lsoftmax" and keep(row)
+    ]
+    return min(ratios), max(ratios)
+
+
+def summary(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The page's three opening lines, computed from `results`."""
+    backends = [
+        "bench_head_tensorflow.json", "bench_head_jax.json",
+        "bench_head_torch.json",
+    ]
+    low, high = _ratio_range(results, backends, lambda r: r["classes"] >= 10000)
+    fit_low, fit_high = _ratio_range(
+        results, ["bench_fit_cpu.json"], lambda r: True
+    )
+    mnist = results["bench_mnist_cpu.json"]["ratio"]
+    return [
+        "An `LSoftmaxDense` training step costs about what a `Dense` step "
+        f"costs: {low:.2f}–{high:.2f} times Dense from C = 10 000 classes "
+        "up, on TensorFlow, JAX and PyTorch, compiled or not.",
+        f"Through `fit` / `train_on_batch` it is {fit_low:.2f}–"
+        f"{fit_high:.2f} times Dense, and a small MNIST CNN's epoch "
+        f"{mnist:.2f} times, all on a 2-core x86-64 CPU.",
+        "Every table below is written from the JSON files in "
+        "`docs/benchmarks/` by `python benchmarks/report.py`.",
+    ]
+
+
+def render(directory: str = RESULTS) -> str:
+    """The whole page, from the JSON files of `directory`."""
+    results = load_results(directory)
+    lines = ["# Benchmarks", "", *summary(results), "", "## Reproduce", ""]
+    lines += [
+        "Each `--smoke` run takes 5 to 25 s on a 2-core CPU, needs no "
+        "download and checks that a script runs end to end (its times mean "
+        "nothing):",
+        "",
+        "```bash",
+        *SMOKE_COMMANDS,
+        "```",
+        "",
+        "The full runs, one a section below (each prints a line per "
+        "configuration with the time left; the module docstrings give "
+        "their run times), then this page:",
+        "",
+        "```bash",
+        *(s["command"] for s in SECTIONS),
+        "python benchmarks/report.py",
+        "```",
+    ]
+    for section in SECTIONS:
+        result = results[section["file"]]
+        lines += [
+            "",
+            f"## {section['title']}",
+            "",
+            section["measures"],
+            "",
+            f"Command: `{section['command']}`",
+            "",
+            machine_line(result, section.get("machine")),
+            "",
+            config_line(result),
+            "",
+            table(result),
+        ]
+        if section["notes"]:
+            lines.append("")
+            lines += [f"- {note}" for note in section["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="report.py",
+        description="Write docs/benchmarks.md from docs/benchmarks/*.json.",
+    )
+    parser.add_argument(
+        "--check", action="store_true",
+        help="write nothing; exit 1 if docs/benchmarks.md differs from the "
+        "page the JSON files give (default: off, write it)",
+    )
+    args = parser.parse_args(argv)
+    page = render()
+    if args.check:
+        try:
+            with open(PAGE, encoding="utf-8") as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != page:
+            print(
+                f"{os.path.relpath(PAGE)} is not the page the JSON files "
+                "give; run python benchmarks/report.py",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    with open(PAGE, "w", encoding="utf-8") as f:
+        f.write(page)
+    print(f"wrote {os.path.relpath(PAGE)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
