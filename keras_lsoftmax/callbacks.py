@@ -1,5 +1,6 @@
 """`LambdaScheduler`: anneals λ of the `LSoftmaxDense` layers during `fit`."""
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,8 @@ class LambdaScheduler(keras.callbacks.Callback):
     custom loops that open a `label_scope`. The callback attaches the
     schedule to the layers when training starts, and it stays attached
     after `fit` (as a learning-rate schedule stays with its optimizer) until
-    another `LambdaScheduler` replaces it or `set_lambda` detaches it. Any
+    another `LambdaScheduler` replaces it or `set_lambda` detaches it; while
+    attached it overrides the layer's own `lambda_schedule`. Any
     other callable is evaluated on the host with the step as a Python int
     before every batch, which costs a host synchronization per batch.
     The step reads t from the optimizer it applies, so λ follows a new
@@ -279,6 +281,64 @@ class LambdaScheduler(keras.callbacks.Callback):
         self._sync_state()
         layer = self._target_layers()[0]
         return float(np.asarray(layer.lambda_))
+
+
+class RunLambdaSchedules(keras.callbacks.Callback):
+    """Fits the heads' `lambda_schedule="auto"` to the run; warns of collapse.
+
+    The margin-aware models' `fit` appends it to the callbacks. When
+    training starts it resolves "auto" for a run of epochs × steps per
+    epoch optimizer updates (divided by the optimizer's
+    `gradient_accumulation_steps`), or of unknown length when `fit` does not
+    know the steps per epoch. Then, unless a `LambdaScheduler` drives λ or
+    the optimizer has already taken steps (a resumed or fine-tuning run), it
+    warns about every head with margin > 1 whose λ at the first step is
+    below 1: from there the features shrink into the saddle of ψ at
+    θ = 90° and the model does not train.
+
+    Args:
+        scheduled: whether the callbacks of the run include a
+            `LambdaScheduler`.
+    """
+
+    def __init__(self, scheduled: bool):
+        super().__init__()
+        self.scheduled = scheduled
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        optimizer = model.optimizer
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        total = None
+        if epochs and steps:
+            accumulation = optimizer.gradient_accumulation_steps or 1
+            total = max(1, (epochs * steps) // accumulation)
+        fresh = int(np.asarray(optimizer.iterations)) == 0
+        for layer in find_lsoftmax_layers(model):
+            if layer.margin == 1:
+                continue
+            schedule = layer.resolve_auto_schedule(total)
+            if self.scheduled or not fresh:
+                continue
+            first = (
+                schedule if isinstance(schedule, float) else schedule(1)
+            )
+            first = float(np.asarray(first))
+            if first < 1.0:
+                warnings.warn(
+                    f"LSoftmaxDense '{layer.name}' (margin={layer.margin}) "
+                    f"starts training with λ={first:.6g}: with λ below 1 "
+                    "from the first step the features usually shrink to "
+                    "θ = 90° from their class weights and the loss stays "
+                    "near log C. Anneal λ from a large value instead: "
+                    'leave the default lambda_schedule="auto", pass a '
+                    "keras_lsoftmax.schedules.InverseDecay, or use "
+                    "keras_lsoftmax.LambdaScheduler.",
+                    stacklevel=2,
+                )
+        # fit made its train function before this hook: remake it if a
+        # schedule was resolved.
+        model.make_train_function()
 
 
 __all__ = ["LambdaScheduler"]

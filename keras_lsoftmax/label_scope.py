@@ -50,14 +50,17 @@ class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)
             range check, as `keras.losses.SparseCategoricalCrossentropy(
             ignore_class=...)` ignores it in the loss.
         step: optional integer scalar, the number of optimizer steps taken
-            so far. A layer whose λ follows a schedule (see
-            `keras_lsoftmax.LambdaScheduler`) computes λ = schedule(step + 1);
-            by default it reads the optimizer's `iterations` itself.
+            so far (`optimizer.iterations`). A layer whose λ follows a
+            schedule computes λ = schedule(step + 1). Without it, a schedule
+            attached by `keras_lsoftmax.LambdaScheduler` reads the counter
+            attached with it, and a layer's own `lambda_schedule` (the
+            default `"auto"` included) raises a `ValueError` in training
+            mode, since it cannot know the step.
 
     Example:
 
     ```python
-    with keras_lsoftmax.label_scope(y) as scope:
+    with keras_lsoftmax.label_scope(y, step=optimizer.iterations) as scope:
         logits = model(x, training=True)  # margin logits
     ```
 

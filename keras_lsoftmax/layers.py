@@ -12,6 +12,8 @@ from keras_lsoftmax import ops
 from keras_lsoftmax.backend import ops as backend_ops
 from keras_lsoftmax.label_scope import HeadRecord
 from keras_lsoftmax.label_scope import current_label_scope
+from keras_lsoftmax.schedules import LambdaSchedule
+from keras_lsoftmax.schedules import auto_schedule
 
 # Per thread, as the label scopes: under tf.distribute every replica calls
 # the layers in a thread of its own.
@@ -69,11 +71,19 @@ class LSoftmaxDense(keras.layers.Layer):
     norm.
 
     The layer has no bias, as in the paper. λ (`lambda_`) is a float32,
-    non-trainable variable: anneal it with `keras_lsoftmax.LambdaScheduler`
-    (which attaches a schedule that the train step evaluates), or assign it
-    with `set_lambda`; changing λ never retraces. The math always runs in
-    float32 (float64 for float64 inputs), and the logits come out in that
-    dtype, also under a mixed-precision policy.
+    non-trainable variable. Each train step of the margin-aware models sets
+    it from `lambda_schedule`, evaluated at the step counter of the
+    optimizer (as Keras evaluates a learning-rate schedule). By default
+    (`"auto"`) λ anneals as in the authors' code, from about 1000 (near
+    plain softmax) to a floor of 2 over the first 30% of the run (see
+    `keras_lsoftmax.schedules.auto_schedule`); a constant small λ from the
+    first step does not train (the features shrink into the saddle of ψ at
+    θ = 90° and the loss stays near log C), and `fit` warns about it. A
+    `keras_lsoftmax.LambdaScheduler` overrides the layer's schedule, and
+    `set_lambda` replaces it with a constant; changing a constant λ never
+    retraces. The math always runs in float32 (float64 for float64 inputs),
+    and the logits come out in that dtype, also under a mixed-precision
+    policy.
 
     Labels outside [0, units) raise an error wherever the backend checks at
     run time: TensorFlow in eager and graph mode (`InvalidArgumentError`),
@@ -97,8 +107,11 @@ class LSoftmaxDense(keras.layers.Layer):
         units: positive int, the number of classes C.
         margin: positive int, the paper's m. 1 is plain softmax; the paper
             uses 2, 3 and 4.
-        initial_lambda: float ≥ 0, the starting λ. 0 is the pure L-Softmax;
-            large values approach plain softmax.
+        initial_lambda: float ≥ 0 or None, a constant λ: with the default
+            `lambda_schedule="auto"` it stands for
+            `lambda_schedule=initial_lambda` (0 is the pure L-Softmax; large
+            values approach plain softmax). It must equal a constant
+            `lambda_schedule`, and cannot go with a `LambdaSchedule`.
         normalize_weights: bool. If True, the class weights are scaled to
             unit norm inside the forward pass (the A-Softmax / SphereFace
             variant) and the gradient is the exact one through that scaling;
@@ -107,6 +120,18 @@ class LSoftmaxDense(keras.layers.Layer):
             Dense shape (input_dim, units); its result is stored transposed.
         kernel_regularizer: regularizer for the kernel (units, input_dim).
         kernel_constraint: constraint for the kernel (units, input_dim).
+        lambda_schedule: what the train steps compute λ from, as
+            `keras.optimizers.Optimizer` takes a learning-rate schedule:
+            `"auto"` (default), a `keras_lsoftmax.schedules.LambdaSchedule`
+            evaluated at `optimizer.iterations + 1`, or a float ≥ 0 for a
+            constant λ. `"auto"` becomes, when `fit` of
+            `keras_lsoftmax.Sequential` / `Model` starts, the annealing of
+            `keras_lsoftmax.schedules.auto_schedule` fitted to the length of
+            that run; the layer then keeps and saves that schedule, so a
+            later `fit` or a model loaded from a `.keras` file continues it.
+            A custom loop must open `label_scope(y, step=optimizer.
+            iterations)` for a schedule to know the step. Ignored when
+            `margin=1`.
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`,
             `trainable`, ...).
 
@@ -141,11 +166,12 @@ class LSoftmaxDense(keras.layers.Layer):
         self,
         units: int,
         margin: int = 4,
-        initial_lambda: float = 0.0,
+        initial_lambda: float | None = None,
         normalize_weights: bool = False,
         kernel_initializer: Any = "glorot_uniform",
         kernel_regularizer: Any = None,
         kernel_constraint: Any = None,
+        lambda_schedule: Any = "auto",
         **kwargs: Any,
     ):
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
@@ -154,7 +180,9 @@ class LSoftmaxDense(keras.layers.Layer):
                 f"integer. Received: units={units!r}"
             )
         ops.check_margin(margin)
-        initial_lambda = lambda_value(initial_lambda, "initial_lambda")
+        if initial_lambda is not None:
+            initial_lambda = lambda_value(initial_lambda, "initial_lambda")
+        schedule = _own_schedule(lambda_schedule, initial_lambda)
         if not isinstance(normalize_weights, bool):
             raise ValueError(
                 "Received an invalid value for `normalize_weights`, expected "
@@ -166,7 +194,7 @@ class LSoftmaxDense(keras.layers.Layer):
         super().__init__(autocast=False, **kwargs)
         self.units = units
         self.margin = margin
-        self.initial_lambda = initial_lambda
+        self.initial_lambda = schedule if isinstance(schedule, float) else 0.0
         self.normalize_weights = normalize_weights
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -177,11 +205,14 @@ class LSoftmaxDense(keras.layers.Layer):
             name="lambda",
             shape=(),
             dtype="float32",
-            initializer=keras.initializers.Constant(initial_lambda),
+            initializer=keras.initializers.Constant(self.initial_lambda),
             trainable=False,
             autocast=False,
             aggregation="only_first_replica",
         )
+        # A float (constant λ, held in `lambda_`), a LambdaSchedule, or
+        # "auto" until a run resolves it (`resolve_auto_schedule`).
+        self._own_schedule = schedule
         self._lambda_schedule = None
 
     def build(self, input_shape: tuple) -> None:
@@ -211,7 +242,8 @@ class LSoftmaxDense(keras.layers.Layer):
     def set_lambda(self, value: Any) -> None:
         """Assigns λ after checking that it is a finite float ≥ 0.
 
-        Detaches a schedule attached by `LambdaScheduler`, so λ stays at
+        Replaces the layer's `lambda_schedule` by the constant `value` and
+        detaches a schedule attached by `LambdaScheduler`, so λ stays at
         `value` in the next training steps.
 
         Args:
@@ -219,7 +251,9 @@ class LSoftmaxDense(keras.layers.Layer):
                 holding one number (what a `LambdaSchedule` returns). On an
                 invalid value, λ keeps its previous value.
         """
-        self.lambda_.assign(lambda_value(value, "value"))
+        value = lambda_value(value, "value")
+        self.lambda_.assign(value)
+        self._own_schedule = value
         self._lambda_schedule = None
 
     def call(
@@ -308,28 +342,73 @@ class LSoftmaxDense(keras.layers.Layer):
             )
 
     def _training_lambda(self, scope: Any) -> Any:
-        """λ for this training step: from the attached schedule, if any.
+        """λ for this training step, from the schedule in force.
 
-        `LambdaScheduler` attaches a schedule and the optimizer's step
-        counter; the step then computes λ = schedule(step + 1) itself, so
-        nothing waits on the host. A value that is not >= 0 (NaN included)
-        leaves λ unchanged; the callback reports it at the end of the epoch.
-        λ = ∞ is allowed: it gives the plain logits.
+        A schedule attached by `LambdaScheduler` wins over the layer's own
+        `lambda_schedule`. The step computes λ = schedule(step + 1) itself
+        from the step the label scope carries (the optimizer's counter in a
+        train step), so nothing waits on the host; without one, an attached
+        schedule reads the counter attached with it, and the layer's own
+        schedule raises, since no counter is known. Called with `labels=`
+        outside a label scope, the layer's own schedule is not evaluated:
+        λ is `lambda_` (`initial_lambda` until a step or `set_lambda` sets
+        it). A value that is not >= 0 (NaN included) leaves λ unchanged;
+        `LambdaScheduler` reports it at the end of the epoch. λ = ∞ is
+        allowed: it gives the plain logits.
         """
-        if self._lambda_schedule is None:
+        attached = self._lambda_schedule
+        own = self._own_schedule
+        # With margin 1 the layer is Dense whatever λ is.
+        if self.margin == 1 or (attached is None and isinstance(own, float)):
             return self.lambda_
         step = getattr(scope, "step", None)
-        if step is None:
-            step = self._lambda_schedule.iterations
-        value = self._lambda_schedule.schedule(
-            keras.ops.cast(step, "int32") + 1
-        )
+        if attached is not None:
+            schedule = attached.schedule
+            if step is None:
+                step = attached.iterations
+        elif scope is None:
+            # Called with `labels=` outside any train step or label_scope.
+            return self.lambda_
+        else:
+            if step is None:
+                raise ValueError(
+                    f"LSoftmaxDense '{self.name}' computes λ from its "
+                    f"lambda_schedule={own!r} at the optimizer's step, but "
+                    "the label_scope gives no step. Open it as "
+                    "`keras_lsoftmax.label_scope(y, step=optimizer."
+                    "iterations)`, or give the layer a constant λ "
+                    "(`lambda_schedule=<float>` or `set_lambda`)."
+                )
+            schedule = self.resolve_auto_schedule(None)
+        value = schedule(keras.ops.cast(step, "int32") + 1)
         value = keras.ops.cast(value, "float32")
         value = keras.ops.where(
             value >= 0.0, value, keras.ops.convert_to_tensor(self.lambda_)
         )
         self.lambda_.assign(value)
         return value
+
+    def resolve_auto_schedule(self, total_steps: int | None) -> Any:
+        """Fixes `lambda_schedule="auto"` for a run of `total_steps` steps.
+
+        The margin-aware models' `fit` calls it when training starts, with
+        epochs × steps per epoch (in optimizer updates), or None when the
+        length is unknown; a train step outside `fit` resolves it with None.
+        Once resolved, the concrete schedule is what the layer uses, saves
+        and continues in later runs; a resolved or explicit schedule is
+        left as it is.
+
+        Args:
+            total_steps: int ≥ 1, or None (see
+                `keras_lsoftmax.schedules.auto_schedule`).
+
+        Returns:
+            The layer's own schedule after resolution: a `LambdaSchedule`,
+            or a float for a constant λ.
+        """
+        if isinstance(self._own_schedule, str):
+            self._own_schedule = auto_schedule(total_steps)
+        return self._own_schedule
 
     def attach_lambda_schedule(self, schedule: Any, iterations: Any) -> None:
         """Makes each training step set λ = `schedule(iterations + 1)`.
@@ -350,9 +429,17 @@ class LSoftmaxDense(keras.layers.Layer):
 
     @property
     def lambda_schedule(self) -> Any:
-        """The `LambdaSchedule` the training steps compute λ from, or None."""
+        """What the training steps compute λ from.
+
+        The `LambdaSchedule` attached by `LambdaScheduler` if any, else the
+        layer's own: a `LambdaSchedule`, `"auto"` before a run resolves it,
+        or None for a constant λ (the value of `lambda_`).
+        """
         attached = self._lambda_schedule
-        return None if attached is None else attached.schedule
+        if attached is not None:
+            return attached.schedule
+        own = self._own_schedule
+        return None if isinstance(own, float) else own
 
     def _sparse_labels(
         self, labels: Any, ignore_class: int | None
@@ -391,10 +478,13 @@ class LSoftmaxDense(keras.layers.Layer):
         return keras.KerasTensor((inputs.shape[0], self.units), dtype)
 
     def get_config(self) -> dict[str, Any]:
+        own = self._own_schedule
+        if isinstance(own, LambdaSchedule):
+            own = keras.saving.serialize_keras_object(own)
         config = {
             "units": self.units,
             "margin": self.margin,
-            "initial_lambda": self.initial_lambda,
+            "lambda_schedule": own,
             "normalize_weights": self.normalize_weights,
             "kernel_initializer": keras.initializers.serialize(
                 self.kernel_initializer
@@ -407,6 +497,48 @@ class LSoftmaxDense(keras.layers.Layer):
             ),
         }
         return {**super().get_config(), **config}
+
+
+def _own_schedule(lambda_schedule: Any, initial_lambda: float | None) -> Any:
+    """The layer's own schedule: a float, a `LambdaSchedule` or "auto".
+
+    `initial_lambda` is the constant λ of the layer before `lambda_schedule`
+    existed: with `lambda_schedule="auto"` it gives that constant, and it
+    must agree with a constant `lambda_schedule`.
+    """
+    if isinstance(lambda_schedule, dict):
+        lambda_schedule = keras.saving.deserialize_keras_object(lambda_schedule)
+    if isinstance(lambda_schedule, str):
+        if lambda_schedule != "auto":
+            raise ValueError(
+                "Received an invalid value for `lambda_schedule`, expected "
+                '"auto", a float >= 0 or a keras_lsoftmax.schedules.'
+                f"LambdaSchedule. Received: lambda_schedule={lambda_schedule!r}"
+            )
+        return "auto" if initial_lambda is None else initial_lambda
+    if isinstance(lambda_schedule, LambdaSchedule):
+        if initial_lambda is not None:
+            raise ValueError(
+                "`initial_lambda` sets a constant λ, which "
+                f"lambda_schedule={lambda_schedule!r} replaces: pass one of "
+                f"them. Received: initial_lambda={initial_lambda!r}"
+            )
+        return lambda_schedule
+    try:
+        constant = lambda_value(lambda_schedule, "lambda_schedule")
+    except ValueError as error:
+        raise ValueError(
+            "Received an invalid value for `lambda_schedule`, expected "
+            '"auto", a finite float >= 0 or a keras_lsoftmax.schedules.'
+            f"LambdaSchedule. Received: lambda_schedule={lambda_schedule!r}"
+        ) from error
+    if initial_lambda is not None and initial_lambda != constant:
+        raise ValueError(
+            "`initial_lambda` and a constant `lambda_schedule` both set λ and "
+            f"disagree. Received: initial_lambda={initial_lambda!r}, "
+            f"lambda_schedule={lambda_schedule!r}"
+        )
+    return constant
 
 
 @dataclasses.dataclass(frozen=True)

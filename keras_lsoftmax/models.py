@@ -1,10 +1,13 @@
 """Margin-aware `Sequential` and `Model`: `fit` hands the labels to the head."""
 
+import inspect
 from typing import Any
 
 import keras
 
 from keras_lsoftmax.backend import BACKEND
+from keras_lsoftmax.callbacks import LambdaScheduler
+from keras_lsoftmax.callbacks import RunLambdaSchedules
 from keras_lsoftmax.layers import find_lsoftmax_layers
 from keras_lsoftmax.margin_step import LatestValue
 from keras_lsoftmax.margin_step import check_targets
@@ -74,6 +77,27 @@ class MarginTrainingMixin(MarginTrainer):
         force = force or schedules != self._traced_lambda_schedules
         self._traced_lambda_schedules = schedules
         return super().make_train_function(force=force)
+
+    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
+        """`keras.Model.fit`, with the heads' λ schedules fitted to the run.
+
+        Takes the arguments of `keras.Model.fit`. When training starts, the
+        `lambda_schedule="auto"` of every `LSoftmaxDense` with margin > 1
+        becomes the annealing fitted to this run's length (see
+        `RunLambdaSchedules`), and a head whose λ starts below 1 gets a
+        warning. With a `keras.callbacks.CallbackList` for `callbacks`, the
+        first train step resolves "auto" for a run of unknown length, and
+        nothing warns.
+        """
+        bound = inspect.signature(super().fit).bind(*args, **kwargs)
+        callbacks = bound.arguments.get("callbacks")
+        if not isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks = list(callbacks or [])
+            scheduled = any(isinstance(c, LambdaScheduler) for c in callbacks)
+            # Last, so that it sees the schedules LambdaScheduler attached.
+            callbacks.append(RunLambdaSchedules(scheduled))
+            bound.arguments["callbacks"] = callbacks
+        return super().fit(*bound.args, **bound.kwargs)
 
     # Keras builds the compiled loss and metrics on a first batch before the
     # first step (also under a tf.distribute strategy); without labels it

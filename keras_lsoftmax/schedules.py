@@ -350,4 +350,52 @@ class Constant(LambdaSchedule):
         return {"value": self.value}
 
 
-__all__ = ["Constant", "ExponentialDecay", "InverseDecay", "LambdaSchedule"]
+# `lambda_schedule="auto"` of `LSoftmaxDense`: the authors' InverseDecay shape
+# (base 1000, power 35), its decay speed fitted to the length of the run.
+AUTO_BASE = 1000.0
+AUTO_POWER = 35.0
+AUTO_MINIMUM = 2.0
+AUTO_CROSSING = 0.3
+AUTO_GAMMA = 2.5e-5
+
+
+def auto_schedule(total_steps: int | None) -> InverseDecay:
+    """The schedule `LSoftmaxDense(lambda_schedule="auto")` uses in a run.
+
+    `InverseDecay(base=1000, gamma, power=35, minimum=2)`, with gamma chosen
+    so that the decay (without the floor) crosses λ = 1 after 30% of the
+    `total_steps` optimizer steps of the run: λ is about 1000 at the first
+    step, near plain softmax, and stays at the floor of 2 from about 27% of
+    the run on. When the length of the run is unknown (None; for instance
+    an endless dataset without `steps_per_epoch`), gamma is the authors'
+    MNIST value 2.5e-5, which crosses λ = 1 near step 8700.
+
+    Args:
+        total_steps: int ≥ 1, the number of optimizer steps of the run, or
+            None.
+
+    Returns:
+        An `InverseDecay`.
+    """
+    if total_steps is None:
+        gamma = AUTO_GAMMA
+    else:
+        if isinstance(total_steps, bool) or not isinstance(
+            total_steps, numbers.Integral
+        ) or total_steps < 1:
+            raise ValueError(
+                "Received an invalid value for `total_steps`, expected a "
+                f"positive int or None. Received: total_steps={total_steps!r}"
+            )
+        crossing = AUTO_BASE ** (1.0 / AUTO_POWER) - 1.0
+        gamma = crossing / (AUTO_CROSSING * int(total_steps))
+    return InverseDecay(AUTO_BASE, gamma, AUTO_POWER, AUTO_MINIMUM)
+
+
+__all__ = [
+    "Constant",
+    "ExponentialDecay",
+    "InverseDecay",
+    "LambdaSchedule",
+    "auto_schedule",
+]

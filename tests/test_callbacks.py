@@ -2,6 +2,7 @@
 
 import math
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -630,3 +631,68 @@ def test_set_model_forgets_the_previous_model():
     other = _model()
     _start(callback, other)
     assert other.get_layer("head").lambda_schedule is callback.schedule
+
+
+# ------------------------------------------- the layer's own λ schedule
+
+
+def _default_model(**head_kwargs):
+    keras.utils.set_random_seed(0)
+    model = keras_lsoftmax.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(8, activation="relu"),
+            LSoftmaxDense(C, margin=2, name="head", **head_kwargs),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def _lambda_warnings(model, **fit_kwargs):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = _fit(model, **fit_kwargs)
+    return history, [str(w.message) for w in record if "λ=" in str(w.message)]
+
+
+def test_lambda_scheduler_overrides_the_layer_schedule():
+    model = _default_model()
+    head = model.get_layer("head")
+    history = _fit(model, epochs=2, callbacks=[LambdaScheduler(FAST)])
+    assert head.lambda_schedule is FAST
+    steps = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert history.history["lsoftmax_lambda"] == [_f32(FAST(s)) for s in steps]
+    # The layer keeps its own (resolved) schedule for when set_lambda
+    # detaches the scheduler's.
+    head.set_lambda(4.0)
+    assert _fit(model).history["lsoftmax_lambda"] == [4.0]
+
+
+def test_constant_lambda_below_one_warns_at_fit():
+    model = _default_model(lambda_schedule=0.0)
+    _, messages = _lambda_warnings(model)
+    assert len(messages) == 1
+    assert "LSoftmaxDense 'head'" in messages[0] and "λ=0" in messages[0]
+    assert 'lambda_schedule="auto"' in messages[0]
+    # A second fit continues a run: fine-tuning at λ = 0 is a recipe.
+    _, messages = _lambda_warnings(model)
+    assert messages == []
+
+
+@pytest.mark.parametrize(
+    "head_kwargs, callbacks",
+    [
+        ({}, ()),
+        ({"lambda_schedule": 1.0}, ()),
+        ({"lambda_schedule": 0.0}, (LambdaScheduler(FAST),)),
+    ],
+    ids=["auto", "constant-1", "scheduler"],
+)
+def test_annealed_or_large_lambda_does_not_warn(head_kwargs, callbacks):
+    model = _default_model(**head_kwargs)
+    _, messages = _lambda_warnings(model, callbacks=callbacks)
+    assert messages == []

@@ -26,9 +26,11 @@ def _np(tensor):
 
 @pytest.fixture
 def layer():
+    # A constant λ: these scopes give no optimizer step for a schedule.
     layer = LSoftmaxDense(
         UNITS,
         margin=4,
+        lambda_schedule=0.0,
         kernel_initializer=keras.initializers.GlorotUniform(seed=0),
     )
     layer.build((None, D))

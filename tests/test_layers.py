@@ -100,6 +100,11 @@ def _unit_rows(w):
         ("initial_lambda", float("nan")),
         ("initial_lambda", "1"),
         ("initial_lambda", True),
+        ("lambda_schedule", "fast"),
+        ("lambda_schedule", -1.0),
+        ("lambda_schedule", float("inf")),
+        ("lambda_schedule", True),
+        ("lambda_schedule", None),
         ("normalize_weights", 1),
         ("normalize_weights", "yes"),
         ("normalize_weights", None),
@@ -388,7 +393,7 @@ def test_config_round_trip():
     layer.set_lambda(0.75)
     config = json.loads(json.dumps(layer.get_config()))
     clone = LSoftmaxDense.from_config(config)
-    for attr in ("units", "margin", "initial_lambda", "normalize_weights", "name"):
+    for attr in ("units", "margin", "lambda_schedule", "normalize_weights", "name"):
         assert getattr(clone, attr) == getattr(layer, attr)
     assert isinstance(clone.kernel_initializer, keras.initializers.HeNormal)
     assert clone.kernel_regularizer.get_config() == {
@@ -404,6 +409,89 @@ def test_config_round_trip():
     np.testing.assert_array_equal(
         _np(clone(x, labels=LABELS, training=True)),
         _np(layer(x, labels=LABELS, training=True)),
+    )
+
+
+@pytest.mark.parametrize(
+    "lambda_schedule",
+    ["auto", 2.5, keras_lsoftmax.schedules.InverseDecay(1000.0, 0.01, 35.0, 2.0)],
+    ids=["auto", "constant", "schedule"],
+)
+def test_lambda_schedule_config_round_trip(lambda_schedule):
+    layer = _layer(lambda_schedule=lambda_schedule)
+    config = json.loads(json.dumps(layer.get_config()))
+    clone = LSoftmaxDense.from_config(config)
+    assert clone.get_config() == layer.get_config()
+    if isinstance(lambda_schedule, float):
+        assert clone.lambda_schedule is None
+        assert _lam(clone) == lambda_schedule
+    elif isinstance(lambda_schedule, str):
+        assert clone.lambda_schedule == "auto"
+        assert _lam(clone) == 0.0
+    else:
+        assert type(clone.lambda_schedule) is type(lambda_schedule)
+        assert clone.lambda_schedule.get_config() == lambda_schedule.get_config()
+
+
+def test_initial_lambda_is_a_constant_lambda_schedule():
+    layer = _layer(initial_lambda=2.5, name="head")
+    assert layer.lambda_schedule is None and _lam(layer) == 2.5
+    assert layer.get_config()["lambda_schedule"] == 2.5
+    same = _layer(initial_lambda=2.5, lambda_schedule=2.5, name="head")
+    assert same.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize(
+    "lambda_schedule, message",
+    [
+        (1.0, "initial_lambda=2.5, lambda_schedule=1.0"),
+        (keras_lsoftmax.schedules.Constant(2.5), "initial_lambda=2.5"),
+    ],
+    ids=["other-constant", "schedule"],
+)
+def test_initial_lambda_conflicts_with_lambda_schedule(lambda_schedule, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LSoftmaxDense(UNITS, initial_lambda=2.5, lambda_schedule=lambda_schedule)
+
+
+def test_lambda_schedule_needs_the_step_in_a_label_scope():
+    schedule = keras_lsoftmax.schedules.InverseDecay(1000.0, 0.05, 1.0)
+    layer = _layer(lambda_schedule=schedule)
+    x = _inputs()
+    with pytest.raises(ValueError, match=r"label_scope\(y, step=optimizer"):
+        with keras_lsoftmax.label_scope(LABELS):
+            layer(x, training=True)
+    with keras_lsoftmax.label_scope(LABELS, step=41) as scope:
+        out = layer(x, training=True)
+    lam = float(schedule(42))
+    assert _np(scope.records[0].lam) == np.float32(lam)
+    np.testing.assert_allclose(
+        _np(out),
+        _np(ops.lsoftmax_logits(x, _kernel(layer), LABELS, 4, lam)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    # "auto" with a step but no run to fit: the documented fixed gamma.
+    layer = _layer()
+    with keras_lsoftmax.label_scope(LABELS, step=0):
+        layer(x, training=True)
+    auto = keras_lsoftmax.schedules.auto_schedule(None)
+    assert layer.lambda_schedule.get_config() == auto.get_config()
+    assert _lam(layer) == np.float32(float(auto(1)))
+
+
+def test_set_lambda_replaces_the_lambda_schedule():
+    layer = _layer()
+    layer.set_lambda(0.5)
+    assert layer.lambda_schedule is None
+    assert layer.get_config()["lambda_schedule"] == 0.5
+    with keras_lsoftmax.label_scope(LABELS):
+        out = layer(_inputs(), training=True)
+    np.testing.assert_allclose(
+        _np(out),
+        _np(ops.lsoftmax_logits(_inputs(), _kernel(layer), LABELS, 4, 0.5)),
+        rtol=1e-6,
+        atol=1e-6,
     )
 
 

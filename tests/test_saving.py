@@ -16,6 +16,7 @@ import pytest
 
 import keras_lsoftmax
 from keras_lsoftmax import LSoftmaxDense
+from keras_lsoftmax import schedules
 from tests.datasets import random_classification
 
 BACKEND = keras.backend.backend()
@@ -84,7 +85,9 @@ def test_keras_file_round_trip(kind, tmp_path):
     assert isinstance(head, LSoftmaxDense)
     assert float(head.lambda_) == LAMBDA
     assert head.margin == 3
-    assert head.initial_lambda == 10.0
+    # set_lambda made λ the constant that the file keeps.
+    assert head.lambda_schedule is None
+    assert head.get_config()["lambda_schedule"] == LAMBDA
     assert int(loaded.optimizer.iterations) == 2
     assert isinstance(loaded.optimizer, keras.optimizers.Adam)
     np.testing.assert_array_equal(
@@ -252,3 +255,40 @@ def test_compile_config_of_a_loss_scale_optimizer_names_public_classes():
     config = model.get_compile_config()["optimizer"]
     assert config["class_name"] == "LossScaleOptimizer"
     assert config["config"]["inner_optimizer"]["module"] == "keras.optimizers"
+
+
+def test_keras_file_resumes_the_auto_lambda_schedule(tmp_path):
+    x, y = _data()
+
+    def model():
+        keras.utils.set_random_seed(2)
+        net = keras_lsoftmax.Sequential(
+            [
+                keras.Input((D,)),
+                keras.layers.Dense(H, activation="relu"),
+                LSoftmaxDense(C, margin=3, name="head"),
+            ]
+        )
+        net.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return net
+
+    def fit(net, **kwargs):
+        return net.fit(x, y, batch_size=8, shuffle=False, verbose=0, epochs=10, **kwargs)
+
+    uninterrupted = fit(model()).history["lsoftmax_lambda"]
+    interrupted = model()
+    stop = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: setattr(interrupted, "stop_training", True)
+    )
+    assert fit(interrupted, callbacks=[stop]).history["lsoftmax_lambda"] == (
+        uninterrupted[:1]
+    )
+    path = tmp_path / "m.keras"
+    interrupted.save(path)
+    loaded = keras.models.load_model(path)
+    schedule = loaded.get_layer("head").lambda_schedule
+    # Fitted to the 10 epochs of 4 steps of the first fit, not restarted.
+    assert schedule.get_config() == schedules.auto_schedule(40).get_config()
+    resumed = fit(loaded, initial_epoch=1).history["lsoftmax_lambda"]
+    assert resumed == pytest.approx(uninterrupted[1:], rel=1e-6)
+    assert uninterrupted[0] > uninterrupted[1] > uninterrupted[-1] == 2.0

@@ -294,3 +294,29 @@ def test_custom_subclass_from_config():
     schedule = Halving.from_config({"initial": 8.0, "steps": 10})
     assert float(schedule(25)) == 2.0
     assert repr(schedule) == "Halving(initial=8.0, steps=10)"
+
+
+@pytest.mark.parametrize("total_steps", [10, 1000, 123456])
+def test_auto_schedule_crosses_one_at_30_percent_of_the_run(total_steps):
+    schedule = schedules.auto_schedule(total_steps)
+    assert (schedule.base, schedule.power, schedule.minimum) == (1000.0, 35.0, 2.0)
+    unfloored = schedules.InverseDecay(1000.0, schedule.gamma, 35.0)
+    assert float(unfloored(0.3 * total_steps)) == pytest.approx(1.0, rel=1e-4)
+    assert float(schedule(0)) == pytest.approx(1000.0, rel=1e-6)
+    assert float(schedule(total_steps)) == 2.0
+
+
+def test_auto_schedule_of_unknown_length_is_the_mnist_setting():
+    schedule = schedules.auto_schedule(None)
+    assert schedule.get_config() == {
+        "base": 1000.0,
+        "gamma": 2.5e-5,
+        "power": 35.0,
+        "minimum": 2.0,
+    }
+
+
+@pytest.mark.parametrize("total_steps", [0, -5, 2.5, True, "100"])
+def test_auto_schedule_rejects_invalid_lengths(total_steps):
+    with pytest.raises(ValueError, match=re.escape(f"total_steps={total_steps!r}")):
+        schedules.auto_schedule(total_steps)
