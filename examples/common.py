@@ -44,7 +44,7 @@ def example_parser(doc: str, dataset: str, name: str) -> argparse.ArgumentParser
     """
     parser = argparse.ArgumentParser(
         description=doc.split("\n\n")[0],
-        epilog="The full description is in the module docstring and README.",
+        epilog="The full description: the module docstring, docs/examples.md.",
     )
     _add_common_args(parser, dataset)
     parser.set_defaults(out=os.path.join("out", name))
