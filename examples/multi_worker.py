@@ -70,7 +70,11 @@ FEATURES = 28 * 28
 class _HelpFormatter(
     argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter
 ):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # A required option has no default to show.
+        if action.required:
+            return f"{action.help} (required)"
+        return super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

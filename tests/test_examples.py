@@ -337,12 +337,12 @@ def test_help(examples_module, capsys, script, flags):
     for flag in flags:
         assert flag in text
     # One entry per option ("  --flag ..." and its indented lines): each
-    # but --help states its default.
+    # but --help states its default, or that it is required.
     entries = re.split(r"\n  (?=-)", text.split("\noptions:\n", 1)[1])
     assert len(entries) > len(flags)
     for entry in entries:
         if not entry.lstrip().startswith("-h, --help"):
-            assert "default" in entry, entry
+            assert "default" in entry or "(required)" in entry, entry
 
 
 def test_scaled_gamma_reproduces_the_authors_mnist_setting(examples_module):
