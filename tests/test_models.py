@@ -629,15 +629,17 @@ def test_plain_crossentropy_metric_compares_train_and_validation():
 # ------------------------------------------------------- default λ schedule
 
 # A seeded problem on which λ = 0 from the first step (the old default)
-# collapses (test accuracy about 0.81 on TensorFlow) while annealing reaches
-# about 0.997.
+# collapses (test accuracy 0.80-0.94 on the three backends) while annealing
+# reaches 1.000. Training is not bit-reproducible on every backend (threaded
+# reductions), so the classes are far enough apart that every run of a
+# working default lands at 1.000: at a spread of 1.5, runs varied by 3 points.
 BLOB_FEATURES, BLOB_CLASSES, BLOB_EPOCHS, BLOB_BATCH = 20, 10, 8, 32
 
 
 def _blobs(n, seed):
-    """`n` points around 10 Gaussian class centres (spread 1.5 per axis)."""
+    """`n` points around 10 Gaussian class centres (spread 2.5 per axis)."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(BLOB_CLASSES, BLOB_FEATURES)) * 1.5
+    centres = rng.normal(size=(BLOB_CLASSES, BLOB_FEATURES)) * 2.5
     y = rng.integers(0, BLOB_CLASSES, size=n).astype("int32")
     x = (centres[y] + rng.normal(size=(n, BLOB_FEATURES))).astype("float32")
     return x, y
@@ -696,7 +698,7 @@ def test_default_arguments_train_with_the_margin():
     )
     assert accuracy >= annealed_accuracy - 0.01
     assert annealed_accuracy > 0.98 and softmax_accuracy > 0.98
-    # The margin acts: about 23° against about 60° for plain softmax.
+    # The margin acts: about 18° against about 56° for plain softmax.
     assert angle < softmax_angle - 20.0
     assert abs(angle - annealed_angle) < 10.0
 
