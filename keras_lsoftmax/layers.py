@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from keras_lsoftmax import ops
-from keras_lsoftmax.backend import ops as backend_ops
+from keras_lsoftmax.initializers import TransposedInitializer
 from keras_lsoftmax.label_scope import HeadRecord
 from keras_lsoftmax.label_scope import current_label_scope
 from keras_lsoftmax.schedules import LambdaSchedule
@@ -225,7 +225,7 @@ class LSoftmaxDense(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(self.units, input_shape[-1]),
-            initializer=self._transposed_initializer,
+            initializer=TransposedInitializer(self.kernel_initializer),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
             autocast=False,
@@ -233,11 +233,6 @@ class LSoftmaxDense(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(
             ndim=2, axes={-1: input_shape[-1]}
         )
-
-    def _transposed_initializer(self, shape: tuple, dtype: Any = None) -> Any:
-        units, input_dim = shape
-        dense_kernel = self.kernel_initializer((input_dim, units), dtype=dtype)
-        return backend_ops.row_major(keras.ops.transpose(dense_kernel))
 
     def set_lambda(self, value: Any) -> None:
         """Assigns λ after checking that it is a finite float ≥ 0.
