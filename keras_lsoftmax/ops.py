@@ -1,4 +1,4 @@
-"""The L-Softmax margin logit and its exact analytic gradient, on every backend.
+"""The margin logits of the large-margin family and their exact gradient.
 
 This module is the one description of the math; each Keras backend
 implements it in `keras_lsoftmax/backend/<backend>/ops.py` and the functions
@@ -8,15 +8,20 @@ Forward. For sample i with feature x (D,), label y and class weight
 w = kernel[y] (the kernel holds one row per class, (C, D)), every logit is
 `x @ kernelᵀ` except the target, which becomes
 
-    t = (λ·x·w + ‖x‖‖w‖·ψ(θ)) / (1 + λ),   cos θ = x·w / (‖x‖‖w‖),
+    t = ‖x‖‖w‖·φ_λ(cos θ),   φ_λ(c) = (λc + φ(c)) / (1 + λ),
+    cos θ = x·w / (‖x‖‖w‖),
 
-with ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]. ψ is computed
-from c = cos θ as P(c) = (−1)^k T_m(c) − 2k (T_m the Chebyshev polynomial,
-k the number of thresholds cos(jπ/m), j = 1..m−1, that c does not exceed),
-so no arccosine is taken. m = 1 gives the plain logits; λ → ∞ tends to them.
+for the head's margin φ, a `keras_lsoftmax.margins.TargetMargin` (the hook
+each head states its formula in). For L-Softmax φ is
+ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m], computed from c as
+P(c) = (−1)^k T_m(c) − 2k (T_m the Chebyshev polynomial, k the number of
+thresholds cos(jπ/m), j = 1..m−1, that c does not exceed), so no arccosine
+is taken; CosFace and ArcFace use c − m and cos(θ + m) (see
+`keras_lsoftmax.margins`). The identity margin (L-Softmax m = 1) gives the
+plain logits; λ → ∞ tends to them.
 
-Backward. With a = ‖x‖, b = ‖w‖, α = (λ + P'(c)) / (1 + λ) and
-δ = (P(c) − c·P'(c)) / (1 + λ), the target's derivatives are
+Backward. With a = ‖x‖, b = ‖w‖, α = φ_λ'(c) and
+δ = φ_λ(c) − c·φ_λ'(c), the target's derivatives are
 ∂t/∂x = α·w + δ·b·x/a and ∂t/∂w = α·x + δ·a·w/b (finite for a = 0 or
 b = 0). With G = ∂L/∂logits and g_i = G[i, y_i], the layer's gradients are
 the two matrix products of a Dense layer plus O(B·D) work on the B labelled
@@ -24,6 +29,9 @@ rows:
 
     ∂L/∂X = G·W + diag((α − 1)·g)·W_y + diag(g·δ·b/a)·X
     ∂L/∂W = Gᵀ·X + Σ_i e_{y_i}·((α − 1)·g_i·x_i + g_i·δ_i·(a_i/b_i)·w_{y_i})
+
+The heads that normalise x or w (SphereFace, CosFace, ArcFace) do so before
+the op, and autodiff carries the gradient through the normalisation.
 
 float16 and bfloat16 inputs are computed and returned in float32, float64
 inputs in float64.
@@ -35,9 +43,14 @@ Reference:
 
 from typing import Any
 
+import keras
+
 from keras_lsoftmax.backend import ops as _backend
 from keras_lsoftmax.backend.common import check_margin
 from keras_lsoftmax.backend.common import compute_dtype
+from keras_lsoftmax.margins import AngularMargin
+from keras_lsoftmax.margins import TargetMargin
+from keras_lsoftmax.margins import as_target_margin
 
 __all__ = [
     "check_labels",
@@ -65,7 +78,9 @@ def psi(cos_theta: Any, margin: int) -> tuple[Any, Any]:
         second kind; both have the shape and dtype of `cos_theta`. P is
         continuous and decreasing in θ, with P(1) = 1 and P(−1) = 1 − 2m.
     """
-    return _backend.psi(cos_theta, check_margin(margin))
+    margin = AngularMargin(check_margin(margin))
+    cos_theta = keras.ops.convert_to_tensor(cos_theta)
+    return margin.psi(keras.ops.clip(cos_theta, -1.0, 1.0))
 
 
 def check_labels(labels: Any, num_classes: int, inputs: Any = None) -> Any:
@@ -91,18 +106,20 @@ def margin_logits(
     inputs: Any,
     kernel: Any,
     labels: Any,
-    margin: int,
+    margin: TargetMargin | int,
     lam: Any,
     valid: Any = None,
 ) -> tuple[Any, Any, Any]:
-    """`lsoftmax_logits` plus, per sample, the plain target logit and cos θ.
+    """The margin logits plus, per sample, the plain target logit and cos θ.
 
     Args:
         inputs: float tensor (B, D).
         kernel: float tensor (C, D).
         labels: int32 class ids (B,) already checked by `check_labels`.
-        margin: Python int m ≥ 1.
-        lam: scalar ≥ 0 (float, tensor or variable).
+        margin: a `keras_lsoftmax.margins.TargetMargin`, or a Python int
+            m ≥ 1 for `AngularMargin(m)` (L-Softmax).
+        lam: scalar ≥ 0 (float, tensor or variable), the λ of φ_λ; 0 for
+            the margin φ itself.
         valid: optional float mask (B,) scaling each row's margin: rows with
             0 keep their plain logits and get the plain gradient.
 
@@ -113,7 +130,7 @@ def margin_logits(
         and for logging θ).
     """
     return _backend.margin_logits(
-        inputs, kernel, labels, check_margin(margin), lam, valid
+        inputs, kernel, labels, as_target_margin(margin), lam, valid
     )
 
 

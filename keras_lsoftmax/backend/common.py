@@ -78,3 +78,32 @@ def chebyshev_psi(c: Any, k: Any, margin: int) -> tuple[Any, Any]:
         u_previous, u = u, two_c * u - u_previous
     sign = 1.0 - 2.0 * (k % 2.0)
     return sign * t - 2.0 * k, sign * float(margin) * u
+
+
+def target_terms(
+    margin: Any, cos: Any, lam: Any, valid: Any = None
+) -> tuple[Any, Any, Any]:
+    """What the target logit adds to the plain one, per labelled row.
+
+    With φ the head's margin (`keras_lsoftmax.margins`), the target logit
+    is t + ab·(φ_λ(c) − c), φ_λ(c) = (λc + φ(c)) / (1 + λ), and its
+    derivatives are those of `keras_lsoftmax.ops` with α = φ_λ'(c) and
+    δ = φ_λ(c) − c·φ_λ'(c). Only arithmetic operators act on `cos`, `lam`
+    and `valid`, so they may be tensors of any backend.
+
+    Args:
+        margin: a `keras_lsoftmax.margins.TargetMargin`.
+        cos: cosines (B,), clipped to [−1, 1].
+        lam: λ ≥ 0, a float or a scalar tensor.
+        valid: optional mask (B,); rows with 0 keep their plain logit.
+
+    Returns:
+        `(shift, α − 1, δ)`, each (B,): the target logit is
+        t + ab·shift.
+    """
+    shift, slope = margin(cos)
+    # Divided, not blended, so that λ → ∞ returns the plain logit exactly.
+    inv = 1.0 / (1.0 + lam)
+    if valid is not None:
+        inv = inv * valid
+    return shift * inv, slope * inv, (shift - cos * slope) * inv

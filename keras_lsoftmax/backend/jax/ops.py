@@ -16,25 +16,16 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_lsoftmax.backend.common import chebyshev_psi
 from keras_lsoftmax.backend.common import check_lambda_number
-from keras_lsoftmax.backend.common import check_margin
 from keras_lsoftmax.backend.common import check_operand_shapes
 from keras_lsoftmax.backend.common import compute_dtype
-from keras_lsoftmax.backend.common import thresholds
+from keras_lsoftmax.backend.common import target_terms
+from keras_lsoftmax.margins import TargetMargin
+from keras_lsoftmax.margins import as_target_margin
 
 # x·wᵀ and Gᵀ·x as contractions: `w.T` outside `jit` would copy the kernel.
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))
 _CONTRACT_FIRST = (((0,), (0,)), ((), ()))
-
-
-def psi(cos_theta: Any, margin: int) -> tuple[jax.Array, jax.Array]:
-    """ψ and its derivative; see `keras_lsoftmax.ops.psi`."""
-    margin = check_margin(margin)
-    c = jnp.clip(jnp.asarray(cos_theta), -1.0, 1.0)
-    below = c[..., None] <= jnp.asarray(thresholds(margin), c.dtype)
-    k = jnp.sum(below.astype(c.dtype), axis=-1)
-    return chebyshev_psi(c, k, margin)
 
 
 def check_labels(
@@ -98,7 +89,7 @@ def margin_logits(
     inputs: Any,
     kernel: Any,
     labels: Any,
-    margin: int,
+    margin: TargetMargin | int,
     lam: Any,
     valid: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -107,7 +98,7 @@ def margin_logits(
     A λ given as an array or a variable is not checked for λ ≥ 0: that would
     need its value on the host at every call.
     """
-    margin = check_margin(margin)
+    margin = as_target_margin(margin)
     inputs, kernel = _to_array(inputs), _to_array(kernel)
     check_operand_shapes(inputs.shape, kernel.shape)
     dtype = compute_dtype(inputs.dtype, kernel.dtype)
@@ -118,7 +109,7 @@ def margin_logits(
     lam = _lambda(lam, dtype)
     if valid is not None:
         valid = _to_array(valid).astype(dtype)
-    if margin == 1:
+    if margin.is_identity:
         logits, target, cos = _plain_forward(x, w, labels)
     else:
         logits, target, cos = _margin_core(x, w, labels, lam, valid, margin)
@@ -193,7 +184,7 @@ def _cosines(
 def _plain_forward(
     x: jax.Array, w: jax.Array, labels: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """m = 1: the plain logits, differentiated as a Dense layer by autodiff."""
+    """The identity margin: the plain logits, differentiated by autodiff."""
     logits = _logits(x, w)
     target = _targets(logits, labels)
     w_y = w.at[labels].get(mode="clip")
@@ -207,7 +198,7 @@ def _margin_core(
     labels: jax.Array,
     lam: jax.Array,
     valid: jax.Array | None,
-    margin: int,
+    margin: TargetMargin,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The margin logits, plain targets and cos θ, with the analytic VJP."""
     return _forward(x, w, labels, lam, valid, margin)[:3]
@@ -219,18 +210,18 @@ def _margin_core_fwd(
     labels: jax.Array,
     lam: jax.Array,
     valid: jax.Array | None,
-    margin: int,
+    margin: TargetMargin,
 ) -> tuple[tuple[jax.Array, ...], tuple[Any, ...]]:
     out, target, cos, saved = _forward(x, w, labels, lam, valid, margin)
     return (out, target, cos), (x, w, labels, saved)
 
 
 def _margin_core_bwd(
-    margin: int,
+    margin: TargetMargin,
     residuals: tuple[Any, ...],
     cotangents: tuple[jax.Array, ...],
 ) -> tuple[jax.Array | None, ...]:
-    del margin  # ψ's derivative is among the saved (α − 1, δ).
+    del margin  # φ's derivative is among the saved (α − 1, δ).
     x, w, labels, saved = residuals
     # Only the logits' cotangent counts: the plain targets and cos θ carry
     # no gradient.
@@ -249,7 +240,7 @@ def _forward(
     labels: jax.Array,
     lam: jax.Array,
     valid: jax.Array | None,
-    margin: int,
+    margin: TargetMargin,
 ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]:
     """The forward pass of `_margin_core`.
 
@@ -259,16 +250,9 @@ def _forward(
     logits = _logits(x, w)
     target = _targets(logits, labels)
     a, b, cos = _cosines(x, w.at[labels].get(mode="clip"), target)
-    p, dp = psi(cos, margin)
-    inv = 1.0 / (1.0 + lam)
-    if valid is not None:
-        inv = inv * valid
-    # target + ab·(P − cos)/(1+λ) = (λ·xw + ab·P)/(1+λ), written so that
-    # λ → ∞ returns xw exactly.
+    shift, alpha_minus_1, delta = target_terms(margin, cos, lam, valid)
     rows = jnp.arange(labels.shape[0])
-    out = logits.at[rows, labels].add(a * b * (p - cos) * inv, mode="clip")
-    alpha_minus_1 = (dp - 1.0) * inv
-    delta = (p - cos * dp) * inv
+    out = logits.at[rows, labels].add(a * b * shift, mode="clip")
     return out, target, cos, (a, b, alpha_minus_1, delta)
 
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import tensorflow as tf
 
-from keras_lsoftmax.backend.common import chebyshev_psi
 from keras_lsoftmax.backend.common import check_lambda_number
-from keras_lsoftmax.backend.common import check_margin
 from keras_lsoftmax.backend.common import check_operand_shapes
 from keras_lsoftmax.backend.common import compute_dtype as _dtype_name
-from keras_lsoftmax.backend.common import thresholds
+from keras_lsoftmax.backend.common import target_terms
+from keras_lsoftmax.margins import TargetMargin
+from keras_lsoftmax.margins import as_target_margin
 
 try:
     from tensorflow.python.ops import control_flow_util as _control_flow_util
@@ -27,15 +27,6 @@ try:
     )
 except ImportError:
     _kernels = _is_op_determinism_enabled = None
-
-
-def psi(cos_theta: Any, margin: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """ψ and its derivative; see `keras_lsoftmax.ops.psi`."""
-    margin = check_margin(margin)
-    c = tf.clip_by_value(tf.convert_to_tensor(cos_theta), -1.0, 1.0)
-    below = c[..., None] <= tf.constant(thresholds(margin), c.dtype)
-    k = tf.reduce_sum(tf.cast(below, c.dtype), axis=-1)
-    return chebyshev_psi(c, k, margin)
 
 
 def compute_dtype(*dtypes: tf.DType) -> tf.DType:
@@ -128,12 +119,12 @@ def margin_logits(
     inputs: Any,
     kernel: Any,
     labels: Any,
-    margin: int,
+    margin: TargetMargin | int,
     lam: Any,
     valid: Any = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """See `keras_lsoftmax.ops.margin_logits`."""
-    margin = check_margin(margin)
+    margin = as_target_margin(margin)
     inputs = tf.convert_to_tensor(inputs)
     kernel = tf.convert_to_tensor(kernel)
     check_operand_shapes(_dims(inputs.shape), _dims(kernel.shape))
@@ -155,18 +146,19 @@ def _margin_core(
     w: tf.Tensor,
     labels: tf.Tensor,
     lam: tf.Tensor,
-    margin: int,
+    margin: TargetMargin,
     valid: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     full_pass = _full_pass(x, w)
-    compiled = margin > 1 and _compile_forward(x, w)
+    plain = margin.is_identity
+    compiled = not plain and _compile_forward(x, w)
 
     @tf.custom_gradient
     def forward(x, w, labels, lam):
         index = target_index(labels)
-        if margin == 1:
+        if plain:
             logits, target, cos, _ = _margin_forward(
-                x, w, labels, index, lam, None, 1, full_pass
+                x, w, labels, index, lam, None, margin, full_pass
             )
             return (logits, target, cos), _dense_grad(x, w)
         if compiled:
@@ -210,14 +202,14 @@ def _margin_forward(
     index: tf.Tensor,
     lam: tf.Tensor,
     valid: tf.Tensor | None,
-    margin: int,
+    margin: TargetMargin,
     full_pass: bool,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tuple[tf.Tensor, ...] | None]:
     """The forward pass of `_margin_core`.
 
     Returns the margin logits, the plain target logits, cos θ and what the
     gradient needs: (a, b, α − 1, δ), plus the labelled class weights w_y
-    (B, D) unless `full_pass`; None for m = 1.
+    (B, D) unless `full_pass`; None for the identity margin.
     """
     logits = _logits(x, w)
     target = tf.gather_nd(logits, index)
@@ -229,18 +221,11 @@ def _margin_forward(
     a = _row_norms(x)
     ab = a * b
     cos = tf.clip_by_value(tf.math.divide_no_nan(target, ab), -1.0, 1.0)
-    if margin == 1:
+    if margin.is_identity:
         return logits, target, cos, None
-    p, dp = psi(cos, margin)
-    inv = 1.0 / (1.0 + lam)
-    if valid is not None:
-        inv = inv * valid
-    # target + ab·(P − cos)/(1+λ) = (λ·xw + ab·P)/(1+λ), written so that
-    # λ → ∞ returns xw exactly.
+    shift, alpha_minus_1, delta = target_terms(margin, cos, lam, valid)
     with tf.control_dependencies([target]):
-        out = _add_at(logits, index, ab * (p - cos) * inv)
-    alpha_minus_1 = (dp - 1.0) * inv
-    delta = (p - cos * dp) * inv
+        out = _add_at(logits, index, ab * shift)
     saved = (a, b, alpha_minus_1, delta)
     return out, target, cos, saved if full_pass else saved + (w_y,)
 
@@ -305,10 +290,12 @@ def _xla_cpu_only() -> bool:
     return _XLA_CPU_ONLY
 
 
-_COMPILED_FORWARD: dict[tuple[int, bool, bool], Any] = {}
+_COMPILED_FORWARD: dict[tuple[TargetMargin, bool, bool], Any] = {}
 
 
-def _compiled_forward(margin: int, full_pass: bool, with_valid: bool):
+def _compiled_forward(
+    margin: TargetMargin, full_pass: bool, with_valid: bool
+):
     """`_margin_forward` as a `tf.function(jit_compile=True)`.
 
     One per (margin, radial path, mask or not), kept for the process; each

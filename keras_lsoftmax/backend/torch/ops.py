@@ -28,24 +28,12 @@ import keras
 import numpy as np
 import torch
 
-from keras_lsoftmax.backend.common import chebyshev_psi
 from keras_lsoftmax.backend.common import check_lambda_number
-from keras_lsoftmax.backend.common import check_margin
 from keras_lsoftmax.backend.common import check_operand_shapes
 from keras_lsoftmax.backend.common import compute_dtype
-from keras_lsoftmax.backend.common import thresholds
-
-
-def psi(cos_theta: Any, margin: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ψ and its derivative; see `keras_lsoftmax.ops.psi`."""
-    margin = check_margin(margin)
-    c = torch.clamp(_to_tensor(cos_theta), -1.0, 1.0)
-    # Python-float thresholds: a threshold tensor would be a host-to-device
-    # copy on every call.
-    k = torch.zeros_like(c)
-    for threshold in thresholds(margin):
-        k = k + (c <= threshold).to(c.dtype)
-    return chebyshev_psi(c, k, margin)
+from keras_lsoftmax.backend.common import target_terms
+from keras_lsoftmax.margins import TargetMargin
+from keras_lsoftmax.margins import as_target_margin
 
 
 def check_labels(
@@ -100,16 +88,16 @@ def margin_logits(
     inputs: Any,
     kernel: Any,
     labels: Any,
-    margin: int,
+    margin: TargetMargin | int,
     lam: Any,
     valid: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `keras_lsoftmax.ops.margin_logits`."""
-    margin = check_margin(margin)
+    margin = as_target_margin(margin)
     x, w = _operands(inputs, kernel, check_shapes=True)
     labels = _to_tensor(labels, x.device)
     lam = _check_lambda(lam, x.dtype, x.device)
-    if margin == 1:
+    if margin.is_identity:
         return _plain_margin_logits(x, w, labels)
     if valid is not None:
         valid = _to_tensor(valid, x.device).detach().to(x.dtype)
@@ -142,22 +130,15 @@ class _MarginLogits(torch.autograd.Function):
 
     Arguments: x (B, D) and w (C, D) in the compute dtype, int labels (B,),
     λ (a float or a 0-d tensor), the optional row mask `valid` (B,) and the
-    Python int margin m ≥ 2. Only x and w get gradients.
+    `keras_lsoftmax.margins.TargetMargin`. Only x and w get gradients.
     """
 
     @staticmethod
     def forward(ctx, x, w, labels, lam, valid, margin):
         logits = x @ w.T
         rows, target, w_y, a, b, cos = _target_terms(logits, x, w, labels)
-        p, dp = psi(cos, margin)
-        inv = 1.0 / (1.0 + lam)
-        if valid is not None:
-            inv = inv * valid
-        # target + ab·(P − cos)/(1+λ) = (λ·xw + ab·P)/(1+λ), written so that
-        # λ → ∞ tends to xw without cancellation.
-        logits.index_put_((rows, labels), target + a * b * (p - cos) * inv)
-        alpha_minus_1 = (dp - 1.0) * inv
-        delta = (p - cos * dp) * inv
+        shift, alpha_minus_1, delta = target_terms(margin, cos, lam, valid)
+        logits.index_put_((rows, labels), target + a * b * shift)
         ctx.save_for_backward(x, w, labels, w_y, a, b, alpha_minus_1, delta)
         ctx.mark_non_differentiable(target, cos)
         return logits, target, cos
@@ -209,7 +190,7 @@ def _target_terms(
 def _plain_margin_logits(
     x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """m = 1: the plain logits (autograd's Dense gradient) and the records."""
+    """The identity margin: the plain logits (autograd's Dense gradient)."""
     logits = x @ w.T
     with torch.no_grad():
         _, target, _, _, _, cos = _target_terms(logits, x, w, labels)

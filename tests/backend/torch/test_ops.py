@@ -19,6 +19,7 @@ if keras.backend.backend() != "torch":
 
 import torch  # noqa: E402
 
+from keras_lsoftmax import ops as public_ops  # noqa: E402
 from keras_lsoftmax.backend.torch import ops  # noqa: E402
 from tests import numpy_reference as ref  # noqa: E402
 from tests.backend_utils import gradients  # noqa: E402
@@ -175,7 +176,7 @@ def test_lists_and_arrays_are_converted():
 def test_psi_matches_paper_definition(margin):
     theta = np.linspace(0.0, np.pi, 1001)
     theta = theta[ref.breakpoint_distance(theta, margin) > 1e-4]
-    p, dp = ops.psi(torch.tensor(np.cos(theta)), margin)
+    p, dp = public_ops.psi(torch.tensor(np.cos(theta)), margin)
     np.testing.assert_allclose(p, ref.psi_ref(theta, margin), atol=1e-12)
     # dψ/dθ = P'(c)·(−sin θ): compare with the derivative of the cosine of
     # the reference, d/dθ[(−1)^k cos mθ] = −(−1)^k m sin mθ.
@@ -187,12 +188,12 @@ def test_psi_matches_paper_definition(margin):
 @pytest.mark.parametrize("margin", [2, 3, 4])
 def test_psi_matches_caffe_closed_forms(margin):
     c = np.linspace(-1.0, 1.0, 999)  # avoids the exact thresholds
-    p, _ = ops.psi(torch.tensor(c), margin)
+    p, _ = public_ops.psi(torch.tensor(c), margin)
     np.testing.assert_allclose(p, ref.caffe_psi(c, margin), atol=1e-12)
 
 
 def test_psi_clips_out_of_range_cosines():
-    p, dp = ops.psi(torch.tensor([1.5, -2.0]), 4)
+    p, dp = public_ops.psi(torch.tensor([1.5, -2.0]), 4)
     np.testing.assert_allclose(p, [1.0, -7.0], atol=1e-6)
     assert torch.all(torch.isfinite(dp))
 
@@ -421,7 +422,7 @@ def test_invalid_margin(margin):
     with pytest.raises(ValueError, match=re.escape(f"margin={margin!r}")):
         ops.margin_logits(x, w, labels, margin, 0.0)
     with pytest.raises(ValueError, match="`margin`"):
-        ops.psi(torch.tensor([0.5]), margin)
+        public_ops.psi(torch.tensor([0.5]), margin)
 
 
 @pytest.mark.parametrize("lam", [-0.5, -1, float("nan")])
