@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from keras_lsoftmax.layers import LSoftmaxDense
-from keras_lsoftmax.layers import find_lsoftmax_layers
+from keras_lsoftmax.layers import find_margin_heads
 from keras_lsoftmax.layers import lambda_value
 from keras_lsoftmax.schedules import LambdaSchedule
 
@@ -210,7 +210,7 @@ class LambdaScheduler(keras.callbacks.Callback):
                 "LambdaScheduler has no model: use it in `model.fit(..., "
                 "callbacks=[...])` or call `set_model(model)` first."
             )
-        found = find_lsoftmax_layers(self.model)
+        found = find_margin_heads(self.model)
         if not found:
             raise ValueError(
                 f"LambdaScheduler found no LSoftmaxDense layer in model "
@@ -314,11 +314,11 @@ class RunLambdaSchedules(keras.callbacks.Callback):
             accumulation = optimizer.gradient_accumulation_steps or 1
             total = max(1, (epochs * steps) // accumulation)
         fresh = int(np.asarray(optimizer.iterations)) == 0
-        for layer in find_lsoftmax_layers(model):
-            if layer.margin == 1:
+        for layer in find_margin_heads(model):
+            if layer.target_margin.is_identity:
                 continue
             schedule = layer.resolve_auto_schedule(total)
-            if self.scheduled or not fresh:
+            if self.scheduled or not fresh or not layer.needs_lambda_annealing:
                 continue
             first = (
                 schedule if isinstance(schedule, float) else schedule(1)
@@ -326,7 +326,8 @@ class RunLambdaSchedules(keras.callbacks.Callback):
             first = float(np.asarray(first))
             if first < 1.0:
                 warnings.warn(
-                    f"LSoftmaxDense '{layer.name}' (margin={layer.margin}) "
+                    f"{type(layer).__name__} '{layer.name}' "
+                    f"({layer.target_margin}) "
                     f"starts training with λ={first:.6g}: with λ below 1 "
                     "from the first step the features usually shrink to "
                     "θ = 90° from their class weights and the loss stays "

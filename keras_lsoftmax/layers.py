@@ -1,4 +1,4 @@
-"""`LSoftmaxDense`: the class-weight layer of the L-Softmax loss."""
+"""`MarginDense`, the class-weight layer of every head, and `LSoftmaxDense`."""
 
 import dataclasses
 import math
@@ -12,6 +12,9 @@ from keras_lsoftmax import ops
 from keras_lsoftmax.initializers import TransposedInitializer
 from keras_lsoftmax.label_scope import HeadRecord
 from keras_lsoftmax.label_scope import current_label_scope
+from keras_lsoftmax.margins import AngularMargin
+from keras_lsoftmax.margins import TargetMargin
+from keras_lsoftmax.margins import check_nonnegative
 from keras_lsoftmax.schedules import LambdaSchedule
 from keras_lsoftmax.schedules import auto_schedule
 
@@ -46,44 +49,42 @@ def lambda_value(value: Any, name: str) -> float:
 
 
 @keras.saving.register_keras_serializable(package="keras_lsoftmax")
-class LSoftmaxDense(keras.layers.Layer):
-    """Dense class weights whose labelled logit gets the L-Softmax margin.
+class MarginDense(keras.layers.Layer):
+    """Class weights whose labelled logit gets a margin: the family's head.
 
-    In training, given labels, the logit of each sample's labelled class y
-    becomes the margin logit
+    Every head of the package is a `MarginDense` that states its formula:
+    features x and class weights w_j, normalised where the formula says so
+    (`scale`, `normalize_weights`), give the plain logits
+    ‖x‖‖w_j‖cos θ_j; in training, given labels, the logit of each sample's
+    labelled class y becomes
 
-        f_y = (λ·x·w_y + ‖x‖‖w_y‖·ψ(θ)) / (1 + λ),   cos θ = x·w_y / (‖x‖‖w_y‖)
+        f_y = ‖x‖‖w_y‖·(λ·cos θ_y + φ(cos θ_y)) / (1 + λ)
 
-    with ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]; every other
-    logit stays `x @ kernelᵀ`. Otherwise (inference, evaluation, or no
-    labels) it returns the plain logits `x @ kernelᵀ`, so `predict` needs no
-    labels.
-    Feed its output to a softmax cross-entropy with `from_logits=True`.
+    for the head's `target_margin` φ (a `keras_lsoftmax.margins.
+    TargetMargin`). Otherwise (inference, evaluation, or no labels) the
+    layer returns the plain logits, so `predict` needs no labels. Feed its
+    output to a softmax cross-entropy with `from_logits=True`. The gradient
+    is exact (see `keras_lsoftmax.ops`).
 
     The kernel holds one row of class weights per class, shape
-    (units, input_dim), as in the authors' Caffe layer and `torch.nn.Linear`
-    (`keras.layers.Dense` stores the transpose): a training step then reads
-    and updates only the B contiguous rows of the labelled classes. An
-    initializer sees the shape of a Dense kernel, (input_dim, units), so its
-    fan-in and fan-out mean what they mean for Dense; a constraint or
-    regularizer sees the stored (units, input_dim) kernel, so
+    (units · sub_centers, input_dim), as in the authors' Caffe layer and
+    `torch.nn.Linear` (`keras.layers.Dense` stores the transpose); with
+    sub-centres, rows k·… of class j are rows j·K to j·K + K − 1. A training
+    step then reads and updates only the B contiguous rows of the labelled
+    classes. An initializer sees the shape of a Dense kernel,
+    (input_dim, rows), so its fan-in and fan-out mean what they mean for
+    Dense; a constraint or regularizer sees the stored kernel, so
     `keras.constraints.UnitNorm(axis=1)` keeps each class weight at unit
-    norm.
+    norm. The layer has no bias.
 
-    The layer has no bias, as in the paper. λ (`lambda_`) is a float32,
-    non-trainable variable. Each train step of the margin-aware models sets
-    it from `lambda_schedule`, evaluated at the step counter of the
-    optimizer (as Keras evaluates a learning-rate schedule). By default
-    (`"auto"`) λ anneals as in the authors' code, from about 1000 (near
-    plain softmax) to a floor of 2 over the first 30% of the run (see
-    `keras_lsoftmax.schedules.auto_schedule`); a constant small λ from the
-    first step does not train (the features shrink into the saddle of ψ at
-    θ = 90° and the loss stays near log C), and `fit` warns about it. A
-    `keras_lsoftmax.LambdaScheduler` overrides the layer's schedule, and
-    `set_lambda` replaces it with a constant; changing a constant λ never
-    retraces. The math always runs in float32 (float64 for float64 inputs),
-    and the logits come out in that dtype, also under a mixed-precision
-    policy.
+    λ (`lambda_`) is a float32, non-trainable variable. Each train step of
+    the margin-aware models sets it from `lambda_schedule`, evaluated at
+    the step counter of the optimizer (as Keras evaluates a learning-rate
+    schedule). A `keras_lsoftmax.LambdaScheduler` overrides the layer's
+    schedule, and `set_lambda` replaces it with a constant; changing a
+    constant λ never retraces. The math always runs in float32 (float64 for
+    float64 inputs), and the logits come out in that dtype, also under a
+    mixed-precision policy.
 
     Labels outside [0, units) raise an error wherever the backend checks at
     run time: TensorFlow in eager and graph mode (`InvalidArgumentError`),
@@ -105,33 +106,38 @@ class LSoftmaxDense(keras.layers.Layer):
 
     Args:
         units: positive int, the number of classes C.
-        margin: positive int, the paper's m. 1 is plain softmax; the paper
-            uses 2, 3 and 4.
-        initial_lambda: float ≥ 0 or None, a constant λ: with the default
-            `lambda_schedule="auto"` it stands for
-            `lambda_schedule=initial_lambda` (0 is the pure L-Softmax; large
-            values approach plain softmax). It must equal a constant
-            `lambda_schedule`, and cannot go with a `LambdaSchedule`.
+        target_margin: a `keras_lsoftmax.margins.TargetMargin`, the φ of
+            the target cosine.
+        scale: float > 0 or None. If set, the features are normalised and
+            multiplied by `scale` (the s of CosFace and ArcFace), so the
+            plain logits are s·cos θ_j (times ‖w_j‖).
         normalize_weights: bool. If True, the class weights are scaled to
-            unit norm inside the forward pass (the A-Softmax / SphereFace
-            variant) and the gradient is the exact one through that scaling;
-            the stored kernel is never changed in place.
-        kernel_initializer: initializer for the kernel, called with the
-            Dense shape (input_dim, units); its result is stored transposed.
-        kernel_regularizer: regularizer for the kernel (units, input_dim).
-        kernel_constraint: constraint for the kernel (units, input_dim).
+            unit norm inside the forward pass, with the exact gradient
+            through that scaling; the stored kernel is never changed in
+            place.
+        sub_centers: positive int K, the weights kept per class: a class's
+            logit is that of its closest sub-centre, and the margin applies
+            to the closest sub-centre of the labelled class.
         lambda_schedule: what the train steps compute λ from, as
             `keras.optimizers.Optimizer` takes a learning-rate schedule:
-            `"auto"` (default), a `keras_lsoftmax.schedules.LambdaSchedule`
-            evaluated at `optimizer.iterations + 1`, or a float ≥ 0 for a
-            constant λ. `"auto"` becomes, when `fit` of
-            `keras_lsoftmax.Sequential` / `Model` starts, the annealing of
-            `keras_lsoftmax.schedules.auto_schedule` fitted to the length of
-            that run; the layer then keeps and saves that schedule, so a
-            later `fit` or a model loaded from a `.keras` file continues it.
-            A custom loop must open `label_scope(y, step=optimizer.
-            iterations)` for a schedule to know the step. Ignored when
-            `margin=1`.
+            a float ≥ 0 for a constant λ (default 0: the margin φ itself),
+            a `keras_lsoftmax.schedules.LambdaSchedule` evaluated at
+            `optimizer.iterations + 1`, or `"auto"`, which becomes, when
+            `fit` of `keras_lsoftmax.Sequential` / `Model` starts, the
+            annealing of `keras_lsoftmax.schedules.auto_schedule` fitted to
+            the length of that run (floored at `auto_lambda_minimum`); the
+            layer then keeps and saves that schedule, so a later `fit` or a
+            model loaded from a `.keras` file continues it. A custom loop
+            must open `label_scope(y, step=optimizer.iterations)` for a
+            schedule to know the step.
+        initial_lambda: float ≥ 0 or None, a constant λ: with
+            `lambda_schedule="auto"` it stands for
+            `lambda_schedule=initial_lambda`. It must equal a constant
+            `lambda_schedule`, and cannot go with a `LambdaSchedule`.
+        kernel_initializer: initializer for the kernel, called with the
+            Dense shape (input_dim, rows); its result is stored transposed.
+        kernel_regularizer: regularizer for the kernel (rows, input_dim).
+        kernel_constraint: constraint for the kernel (rows, input_dim).
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`,
             `trainable`, ...).
 
@@ -148,54 +154,67 @@ class LSoftmaxDense(keras.layers.Layer):
     Example:
 
     ```python
-    model = keras_lsoftmax.Sequential([
-        keras.Input((784,)),
-        keras.layers.Dense(128, activation="relu"),
-        keras_lsoftmax.LSoftmaxDense(10, margin=4),
-    ])
+    # insightface's combined margin s·(cos(θ + 0.3) − 0.2) with s = 30 is
+    # a margin of its own; here ArcFace with a smaller scale.
+    head = keras_lsoftmax.MarginDense(
+        10, target_margin=keras_lsoftmax.margins.ArcMargin(0.3), scale=30.0,
+        normalize_weights=True,
+    )
     ```
-
-    Reference:
-        Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional
-        Neural Networks", ICML 2016, https://arxiv.org/abs/1612.02295;
-        Liu et al., "SphereFace", CVPR 2017, https://arxiv.org/abs/1704.08063
-        for `normalize_weights`.
     """
+
+    # The floor of the "auto" λ schedule.
+    auto_lambda_minimum = 2.0
 
     def __init__(
         self,
         units: int,
-        margin: int = 4,
-        initial_lambda: float | None = None,
+        target_margin: TargetMargin,
+        scale: float | None = None,
         normalize_weights: bool = False,
+        sub_centers: int = 1,
+        lambda_schedule: Any = 0.0,
+        initial_lambda: float | None = None,
         kernel_initializer: Any = "glorot_uniform",
         kernel_regularizer: Any = None,
         kernel_constraint: Any = None,
-        lambda_schedule: Any = "auto",
         **kwargs: Any,
     ):
-        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        _check_positive_int(units, "units")
+        if isinstance(target_margin, dict):
+            target_margin = keras.saving.deserialize_keras_object(target_margin)
+        if not isinstance(target_margin, TargetMargin):
             raise ValueError(
-                "Received an invalid value for `units`, expected a positive "
-                f"integer. Received: units={units!r}"
+                "Received an invalid value for `target_margin`, expected a "
+                "keras_lsoftmax.margins.TargetMargin. Received: "
+                f"target_margin={target_margin!r}"
             )
-        ops.check_margin(margin)
-        if initial_lambda is not None:
-            initial_lambda = lambda_value(initial_lambda, "initial_lambda")
-        schedule = _own_schedule(lambda_schedule, initial_lambda)
+        if scale is not None:
+            scale = check_nonnegative(scale, "scale")
+            if scale == 0.0:
+                raise ValueError(
+                    "Received an invalid value for `scale`, expected a "
+                    f"float > 0 or None. Received: scale={scale!r}"
+                )
         if not isinstance(normalize_weights, bool):
             raise ValueError(
                 "Received an invalid value for `normalize_weights`, expected "
                 f"a bool. Received: normalize_weights={normalize_weights!r}"
             )
+        _check_positive_int(sub_centers, "sub_centers")
+        if initial_lambda is not None:
+            initial_lambda = lambda_value(initial_lambda, "initial_lambda")
+        schedule = _own_schedule(lambda_schedule, initial_lambda)
         # The layer casts for itself: the margin needs float32 even when the
         # policy computes in float16, and the kernel must not be autocast.
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)
         self.units = units
-        self.margin = margin
-        self.initial_lambda = schedule if isinstance(schedule, float) else 0.0
+        self.target_margin = target_margin
+        self.scale = scale
         self.normalize_weights = normalize_weights
+        self.sub_centers = sub_centers
+        self.initial_lambda = schedule if isinstance(schedule, float) else 0.0
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
@@ -215,16 +234,28 @@ class LSoftmaxDense(keras.layers.Layer):
         self._own_schedule = schedule
         self._lambda_schedule = None
 
+    @property
+    def needs_lambda_annealing(self) -> bool:
+        """Whether a constant small λ keeps this head from training.
+
+        True for the multiplicative angular margin ψ with m > 1 (L-Softmax,
+        SphereFace): from λ < 1 at the first step the features shrink into
+        the saddle of ψ at θ = 90°. `fit` warns about such a start.
+        """
+        margin = self.target_margin
+        return isinstance(margin, AngularMargin) and margin.m > 1
+
     def build(self, input_shape: tuple) -> None:
         if len(input_shape) != 2 or input_shape[-1] is None:
             raise ValueError(
-                "LSoftmaxDense expects inputs of shape (batch_size, features) "
-                f"with a known feature size. Received: inputs with shape "
+                f"{type(self).__name__} expects inputs of shape (batch_size, "
+                "features) with a known feature size. Received: inputs with "
+                "shape "
                 f"{tuple(input_shape)}"
             )
         self.kernel = self.add_weight(
             name="kernel",
-            shape=(self.units, input_shape[-1]),
+            shape=(self.units * self.sub_centers, input_shape[-1]),
             initializer=TransposedInitializer(self.kernel_initializer),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
@@ -254,9 +285,7 @@ class LSoftmaxDense(keras.layers.Layer):
     def call(
         self, inputs: Any, labels: Any = None, training: bool | None = None
     ) -> Any:
-        kernel = keras.ops.convert_to_tensor(self.kernel)
-        if self.normalize_weights:
-            kernel = _unit_rows(kernel)
+        inputs, kernel = self._operands(inputs)
         scope = current_label_scope()
         if scope is not None and not (training or scope.inference_labels):
             # Inference needs no labels, and may run on another batch than
@@ -268,7 +297,7 @@ class LSoftmaxDense(keras.layers.Layer):
             labels, ignore_class = scope.labels_for(self, inputs)
         if labels is None and training:
             raise ValueError(
-                f"LSoftmaxDense '{self.name}' was called with "
+                f"{type(self).__name__} '{self.name}' was called with "
                 "training=True but without labels, so it cannot apply "
                 "the margin. Train it inside keras_lsoftmax.Sequential "
                 "or keras_lsoftmax.Model (their train_step passes the "
@@ -277,16 +306,18 @@ class LSoftmaxDense(keras.layers.Layer):
             )
         # Outside training only a label_scope wants the per-sample records.
         if labels is None or (not training and scope is None):
-            return ops.plain_logits(inputs, kernel)
+            return self._per_class(ops.plain_logits(inputs, kernel))
         labels, valid = self._sparse_labels(labels, ignore_class)
         labels = ops.check_labels(labels, self.units, inputs)
         if training:
-            margin, lam = self.margin, self._training_lambda(scope)
+            margin, lam = self.target_margin, self._training_lambda(scope)
         else:
             margin, lam = 1, self.lambda_
+        rows = self._target_rows(inputs, kernel, labels)
         outputs, plain_target, cos = ops.margin_logits(
-            inputs, kernel, labels, margin, lam, valid
+            inputs, kernel, rows, margin, lam, valid
         )
+        outputs = self._per_class(outputs, labels, rows)
         if scope is not None:
             scope.record(
                 HeadRecord(
@@ -300,6 +331,65 @@ class LSoftmaxDense(keras.layers.Layer):
                 )
             )
         return outputs
+
+    def _operands(self, inputs: Any) -> tuple[Any, Any]:
+        """The features and class weights the op multiplies.
+
+        Normalised (and the features scaled) as the head's formula says,
+        in the op's compute dtype, so that the norms are exact under a
+        mixed-precision policy too.
+        """
+        kernel = keras.ops.convert_to_tensor(self.kernel)
+        if self.scale is None and not self.normalize_weights:
+            return inputs, kernel
+        dtype = ops.compute_dtype(inputs.dtype, kernel.dtype)
+        inputs = keras.ops.cast(inputs, dtype)
+        kernel = keras.ops.cast(kernel, dtype)
+        if self.normalize_weights:
+            kernel = _unit_rows(kernel)
+        if self.scale is not None:
+            inputs = _unit_rows(inputs) * self.scale
+        return inputs, kernel
+
+    def _target_rows(self, inputs: Any, kernel: Any, labels: Any) -> Any:
+        """The kernel row of each label: its closest sub-centre.
+
+        With one centre per class, the labels themselves. With K
+        sub-centres, row y·K + k of the sub-centre k of class y whose logit
+        (so whose cosine) is the largest.
+        """
+        if self.sub_centers == 1:
+            return labels
+        k = self.sub_centers
+        centres = keras.ops.reshape(
+            keras.ops.stop_gradient(kernel), (self.units, k, -1)
+        )
+        logits = keras.ops.einsum(
+            "bd,bkd->bk",
+            keras.ops.stop_gradient(inputs),
+            keras.ops.take(centres, labels, axis=0),
+        )
+        closest = keras.ops.cast(keras.ops.argmax(logits, axis=-1), "int32")
+        return labels * k + closest
+
+    def _per_class(
+        self, logits: Any, labels: Any = None, rows: Any = None
+    ) -> Any:
+        """Logits (B, units) from the logits of every kernel row.
+
+        With K sub-centres, each class takes its largest sub-centre logit,
+        except the labelled class, which takes the (margin) logit of the
+        sub-centre in `rows`.
+        """
+        if self.sub_centers == 1:
+            return logits
+        grouped = keras.ops.reshape(logits, (-1, self.units, self.sub_centers))
+        best = keras.ops.max(grouped, axis=-1)
+        if labels is None:
+            return best
+        target = keras.ops.take_along_axis(logits, rows[:, None], axis=1)
+        is_label = keras.ops.one_hot(labels, self.units, dtype="bool")
+        return keras.ops.where(is_label, target, best)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._own_call(super().__call__, *args, **kwargs)
@@ -326,7 +416,8 @@ class LSoftmaxDense(keras.layers.Layer):
         """
         if id(self) not in _own_calls():
             raise ValueError(
-                f"LSoftmaxDense '{self.name}' was run through its `call` "
+                f"{type(self).__name__} '{self.name}' was run through its "
+                "`call` "
                 "method by another layer (as keras.layers.TimeDistributed "
                 "does, one time step at a time), so the labels of the "
                 "label_scope (or of fit and evaluate) do not match its "
@@ -354,7 +445,9 @@ class LSoftmaxDense(keras.layers.Layer):
         attached = self._lambda_schedule
         own = self._own_schedule
         # With margin 1 the layer is Dense whatever λ is.
-        if self.margin == 1 or (attached is None and isinstance(own, float)):
+        if self.target_margin.is_identity or (
+            attached is None and isinstance(own, float)
+        ):
             return self.lambda_
         step = getattr(scope, "step", None)
         if attached is not None:
@@ -367,7 +460,7 @@ class LSoftmaxDense(keras.layers.Layer):
         else:
             if step is None:
                 raise ValueError(
-                    f"LSoftmaxDense '{self.name}' computes λ from its "
+                    f"{type(self).__name__} '{self.name}' computes λ from its "
                     f"lambda_schedule={own!r} at the optimizer's step, but "
                     "the label_scope gives no step. Open it as "
                     "`keras_lsoftmax.label_scope(y, step=optimizer."
@@ -402,7 +495,9 @@ class LSoftmaxDense(keras.layers.Layer):
             or a float for a constant λ.
         """
         if isinstance(self._own_schedule, str):
-            self._own_schedule = auto_schedule(total_steps)
+            self._own_schedule = auto_schedule(
+                total_steps, minimum=self.auto_lambda_minimum
+            )
         return self._own_schedule
 
     def attach_lambda_schedule(self, schedule: Any, iterations: Any) -> None:
@@ -448,7 +543,7 @@ class LSoftmaxDense(keras.layers.Layer):
             labels = keras.ops.cast(keras.ops.argmax(labels, axis=-1), "int32")
         elif len(shape) != 1:
             raise ValueError(
-                f"LSoftmaxDense '{self.name}' expects labels of shape "
+                f"{type(self).__name__} '{self.name}' expects labels of shape "
                 f"(batch_size,) or (batch_size, 1) with class ids, or "
                 f"(batch_size, {self.units}) one-hot. Received: labels with "
                 f"shape {shape}"
@@ -478,9 +573,8 @@ class LSoftmaxDense(keras.layers.Layer):
             own = keras.saving.serialize_keras_object(own)
         config = {
             "units": self.units,
-            "margin": self.margin,
+            **self._formula_config(),
             "lambda_schedule": own,
-            "normalize_weights": self.normalize_weights,
             "kernel_initializer": keras.initializers.serialize(
                 self.kernel_initializer
             ),
@@ -492,6 +586,134 @@ class LSoftmaxDense(keras.layers.Layer):
             ),
         }
         return {**super().get_config(), **config}
+
+    def _formula_config(self) -> dict[str, Any]:
+        """The constructor arguments that state the head's formula."""
+        return {
+            "target_margin": keras.saving.serialize_keras_object(
+                self.target_margin
+            ),
+            "scale": self.scale,
+            "normalize_weights": self.normalize_weights,
+            "sub_centers": self.sub_centers,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_lsoftmax")
+class LSoftmaxDense(MarginDense):
+    """Dense class weights whose labelled logit gets the L-Softmax margin.
+
+    In training, given labels, the logit of each sample's labelled class y
+    becomes the margin logit
+
+        f_y = (λ·x·w_y + ‖x‖‖w_y‖·ψ(θ)) / (1 + λ),   cos θ = x·w_y / (‖x‖‖w_y‖)
+
+    with ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]; every other
+    logit stays `x @ kernelᵀ`. Otherwise (inference, evaluation, or no
+    labels) it returns the plain logits `x @ kernelᵀ`, so `predict` needs no
+    labels.
+    Feed its output to a softmax cross-entropy with `from_logits=True`.
+
+    The layer has no bias, as in the paper. By default
+    (`lambda_schedule="auto"`) λ anneals as in the authors' code, from about
+    1000 (near plain softmax) to a floor of 2 over the first 30% of the run
+    (see `keras_lsoftmax.schedules.auto_schedule`); a constant small λ from
+    the first step does not train (the features shrink into the saddle of ψ
+    at θ = 90° and the loss stays near log C), and `fit` warns about it.
+    Labels, λ, the kernel layout, dtypes and label checks work as described
+    in `keras_lsoftmax.MarginDense`.
+
+    Args:
+        units: positive int, the number of classes C.
+        margin: positive int, the paper's m. 1 is plain softmax; the paper
+            uses 2, 3 and 4.
+        initial_lambda: float ≥ 0 or None, a constant λ: with the default
+            `lambda_schedule="auto"` it stands for
+            `lambda_schedule=initial_lambda` (0 is the pure L-Softmax; large
+            values approach plain softmax). It must equal a constant
+            `lambda_schedule`, and cannot go with a `LambdaSchedule`.
+        normalize_weights: bool. If True, the class weights are scaled to
+            unit norm inside the forward pass (the A-Softmax / SphereFace
+            variant; `keras_lsoftmax.SphereFaceDense` is that head with its
+            authors' λ floor) and the gradient is the exact one through
+            that scaling; the stored kernel is never changed in place.
+        kernel_initializer: initializer for the kernel, called with the
+            Dense shape (input_dim, units); its result is stored transposed.
+        kernel_regularizer: regularizer for the kernel (units, input_dim).
+        kernel_constraint: constraint for the kernel (units, input_dim).
+        lambda_schedule: `"auto"` (default), a float ≥ 0 for a constant λ,
+            or a `keras_lsoftmax.schedules.LambdaSchedule` (see
+            `keras_lsoftmax.MarginDense`). Ignored when `margin=1`.
+        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`,
+            `trainable`, ...).
+
+    Call arguments:
+        inputs: float tensor (B, D), the features.
+        labels: optional labels for the margin, sparse (B,) or (B, 1)
+            integers, or one-hot (B, units).
+        training: bool. The margin applies only when True and labels are
+            known.
+
+    Returns:
+        Logits of shape (B, units).
+
+    Example:
+
+    ```python
+    model = keras_lsoftmax.Sequential([
+        keras.Input((784,)),
+        keras.layers.Dense(128, activation="relu"),
+        keras_lsoftmax.LSoftmaxDense(10, margin=4),
+    ])
+    ```
+
+    Reference:
+        Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional
+        Neural Networks", ICML 2016, https://arxiv.org/abs/1612.02295;
+        Liu et al., "SphereFace", CVPR 2017, https://arxiv.org/abs/1704.08063
+        for `normalize_weights`.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        margin: int = 4,
+        initial_lambda: float | None = None,
+        normalize_weights: bool = False,
+        kernel_initializer: Any = "glorot_uniform",
+        kernel_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        lambda_schedule: Any = "auto",
+        **kwargs: Any,
+    ):
+        _check_positive_int(units, "units")
+        super().__init__(
+            units,
+            target_margin=AngularMargin(ops.check_margin(margin)),
+            normalize_weights=normalize_weights,
+            lambda_schedule=lambda_schedule,
+            initial_lambda=initial_lambda,
+            kernel_initializer=kernel_initializer,
+            kernel_regularizer=kernel_regularizer,
+            kernel_constraint=kernel_constraint,
+            **kwargs,
+        )
+        self.margin = margin
+
+    def _formula_config(self) -> dict[str, Any]:
+        return {
+            "margin": self.margin,
+            "normalize_weights": self.normalize_weights,
+        }
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected a positive "
+            f"integer. Received: {name}={value!r}"
+        )
+    return value
 
 
 def _own_schedule(lambda_schedule: Any, initial_lambda: float | None) -> Any:
@@ -559,8 +781,8 @@ def _unit_rows(kernel: Any) -> Any:
     return kernel * keras.ops.rsqrt(keras.ops.clip(squares, 1e-12, math.inf))
 
 
-def find_lsoftmax_layers(root: Any) -> list[LSoftmaxDense]:
-    """Every `LSoftmaxDense` in `root`, found recursively, in layer order.
+def find_margin_heads(root: Any) -> list[MarginDense]:
+    """Every margin head (`MarginDense`) in `root`, recursively, in order.
 
     Models are walked through their public `layers` list; other layers
     through the layers held in their attributes (directly or in lists,
@@ -570,16 +792,16 @@ def find_lsoftmax_layers(root: Any) -> list[LSoftmaxDense]:
         root: a `keras.Model` or `keras.layers.Layer`.
 
     Returns:
-        The list of `LSoftmaxDense` layers (`root` itself if it is one).
+        The list of heads (`root` itself if it is one).
     """
-    found: list[LSoftmaxDense] = []
+    found: list[MarginDense] = []
     seen: set[int] = set()
 
     def visit(obj: Any) -> None:
         if id(obj) in seen:
             return
         seen.add(id(obj))
-        if isinstance(obj, LSoftmaxDense):
+        if isinstance(obj, MarginDense):
             found.append(obj)
             return
         for child in _child_layers(obj):

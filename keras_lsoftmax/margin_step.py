@@ -16,7 +16,7 @@ from typing import Any
 import keras
 
 from keras_lsoftmax import ops
-from keras_lsoftmax.layers import find_lsoftmax_layers
+from keras_lsoftmax.layers import find_margin_heads
 
 
 def check_targets(y: Any) -> None:
@@ -77,7 +77,7 @@ def margin_values(model: keras.Model, records: list) -> tuple | None:
     """
     if not records:
         return None
-    heads = find_lsoftmax_layers(model)
+    heads = find_margin_heads(model)
     first = next((r for r in records if heads and r.layer is heads[0]), None)
     lam = (first or records[0]).lam
     cos = keras.ops.concatenate([r.cos_theta for r in records], axis=0)

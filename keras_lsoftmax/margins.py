@@ -58,7 +58,15 @@ class TargetMargin:
         """Whether φ(c) = c, so that the op computes the plain logits."""
         return False
 
+    def get_config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TargetMargin":
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_lsoftmax")
 @dataclasses.dataclass(frozen=True)
 class AngularMargin(TargetMargin):
     """ψ(θ) = (−1)^k cos(mθ) − 2k on [kπ/m, (k+1)π/m]: the L-Softmax margin.
@@ -93,6 +101,7 @@ class AngularMargin(TargetMargin):
         return self.m == 1
 
 
+@keras.saving.register_keras_serializable(package="keras_lsoftmax")
 @dataclasses.dataclass(frozen=True)
 class CosineMargin(TargetMargin):
     """φ(c) = c − m: the additive cosine margin of CosFace / AM-Softmax.
@@ -115,6 +124,7 @@ class CosineMargin(TargetMargin):
         return self.m == 0.0
 
 
+@keras.saving.register_keras_serializable(package="keras_lsoftmax")
 @dataclasses.dataclass(frozen=True)
 class ArcMargin(TargetMargin):
     """φ(c) = cos(θ + m): the additive angular margin of ArcFace, in radians.

@@ -8,7 +8,7 @@ import keras
 from keras_lsoftmax.backend import BACKEND
 from keras_lsoftmax.callbacks import LambdaScheduler
 from keras_lsoftmax.callbacks import RunLambdaSchedules
-from keras_lsoftmax.layers import find_lsoftmax_layers
+from keras_lsoftmax.layers import find_margin_heads
 from keras_lsoftmax.margin_step import LatestValue
 from keras_lsoftmax.margin_step import check_targets
 
@@ -72,7 +72,7 @@ class MarginTrainingMixin(MarginTrainer):
         # LambdaScheduler or set_lambda) needs a new one.
         schedules = frozenset(
             (id(layer), layer.lambda_schedule)
-            for layer in find_lsoftmax_layers(self)
+            for layer in find_margin_heads(self)
         )
         force = force or schedules != self._traced_lambda_schedules
         self._traced_lambda_schedules = schedules
@@ -116,7 +116,7 @@ class MarginTrainingMixin(MarginTrainer):
     @property
     def metrics(self) -> list[keras.metrics.Metric]:
         metrics = super().metrics
-        if find_lsoftmax_layers(self):
+        if find_margin_heads(self):
             return metrics
         return [m for m in metrics if not self._is_margin_tracker(m)]
 

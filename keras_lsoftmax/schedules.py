@@ -359,7 +359,9 @@ AUTO_CROSSING = 0.3
 AUTO_GAMMA = 2.5e-5
 
 
-def auto_schedule(total_steps: int | None) -> InverseDecay:
+def auto_schedule(
+    total_steps: int | None, minimum: float = AUTO_MINIMUM
+) -> InverseDecay:
     """The schedule `LSoftmaxDense(lambda_schedule="auto")` uses in a run.
 
     `InverseDecay(base=1000, gamma, power=35, minimum=2)`, with gamma chosen
@@ -373,6 +375,8 @@ def auto_schedule(total_steps: int | None) -> InverseDecay:
     Args:
         total_steps: int ≥ 1, the number of optimizer steps of the run, or
             None.
+        minimum: the floor of λ: 2 for L-Softmax, 5 for SphereFace (the
+            SphereFace authors' floor).
 
     Returns:
         An `InverseDecay`.
@@ -389,7 +393,7 @@ def auto_schedule(total_steps: int | None) -> InverseDecay:
             )
         crossing = AUTO_BASE ** (1.0 / AUTO_POWER) - 1.0
         gamma = crossing / (AUTO_CROSSING * int(total_steps))
-    return InverseDecay(AUTO_BASE, gamma, AUTO_POWER, AUTO_MINIMUM)
+    return InverseDecay(AUTO_BASE, gamma, AUTO_POWER, minimum)
 
 
 __all__ = [

@@ -12,7 +12,7 @@ import keras_lsoftmax
 from keras_lsoftmax import LSoftmaxDense
 from keras_lsoftmax import schedules
 from keras_lsoftmax.callbacks import LambdaScheduler
-from keras_lsoftmax.layers import find_lsoftmax_layers
+from keras_lsoftmax.layers import find_margin_heads
 from tests.datasets import random_classification
 
 BACKEND = keras.backend.backend()
@@ -512,11 +512,11 @@ def _start(callback, model):
 
 def test_finds_nested_layers():
     model = _nested_model()
-    names = [layer.name for layer in find_lsoftmax_layers(model)]
+    names = [layer.name for layer in find_margin_heads(model)]
     assert sorted(names) == ["held", "inner_head", "outer_head"]
     schedule = schedules.Constant(7.0)
     _start(LambdaScheduler(schedule), model)
-    heads = find_lsoftmax_layers(model)
+    heads = find_margin_heads(model)
     assert [layer.lambda_schedule for layer in heads] == [schedule] * 3
     _train_heads(model)
     assert [_lam(layer) for layer in heads] == [7.0] * 3
@@ -550,7 +550,7 @@ def test_layer_name_selects_one_layer():
         model,
     )
     callback.on_epoch_begin(0)
-    lambdas = {layer.name: _lam(layer) for layer in find_lsoftmax_layers(model)}
+    lambdas = {layer.name: _lam(layer) for layer in find_margin_heads(model)}
     assert lambdas == {"inner_head": 7.0, "outer_head": 1.0, "held": 0.0}
 
 
