@@ -88,13 +88,18 @@ def test_an_unsupported_backend_is_named():
 def test_public_api_is_the_same_on_every_backend():
     assert sorted(keras_lsoftmax.__all__) == sorted(
         [
+            "ArcFaceDense",
+            "CosFaceDense",
             "LambdaScheduler",
             "LSoftmaxDense",
+            "MarginDense",
             "MarginTrainingMixin",
             "Model",
             "Sequential",
+            "SphereFaceDense",
             "__version__",
             "label_scope",
+            "margins",
             "ops",
             "schedules",
         ]
