@@ -15,9 +15,8 @@ import tensorflow as tf
 
 # TensorFlow has no public test for "this graph is compiled by XLA"
 # (`jit_compile=True`, TPU); `tf.function` and `tf.while_loop` use this
-# private module (tensorflow/tensorflow#63632 asks for a way out of the
-# XLA context and is answered with the equally internal
-# `tf.__internal__.get_enclosing_xla_context`).
+# private module (the only other way in, seen in tensorflow/tensorflow#63632,
+# is the equally internal `tf.__internal__.get_enclosing_xla_context`).
 try:
     from tensorflow.python.ops import control_flow_util as _control_flow_util
 except ImportError:
