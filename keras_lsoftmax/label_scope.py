@@ -4,7 +4,7 @@ import dataclasses
 import threading
 from typing import Any
 
-import keras
+from keras_lsoftmax.backend import tracing
 
 # One stack per thread: under `tf.distribute.MirroredStrategy` every replica
 # runs its step in a thread of its own, with labels of its own.
@@ -123,17 +123,10 @@ def current_label_scope() -> label_scope | None:
     return stack[-1] if stack else None
 
 
-def current_graph() -> Any:
-    """The TensorFlow graph being traced, or None (eager, JAX, PyTorch)."""
-    # Only TensorFlow traces in graphs of its own; on JAX and PyTorch the
-    # models build before their step runs, so every record is the step's.
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    if tf.executing_eagerly():
-        return None
-    return tf.compat.v1.get_default_graph()
+# The TensorFlow graph being traced, or None (eager, JAX, PyTorch): only
+# TensorFlow traces in graphs of its own; on JAX and PyTorch the models
+# build before their step runs, so every record is the step's.
+current_graph = tracing.current_graph
 
 
 def _stack() -> list[label_scope]:

@@ -5,19 +5,12 @@ from typing import Any
 
 import keras
 
-from keras_lsoftmax.backend import BACKEND
+from keras_lsoftmax.backend import MarginTrainer
 from keras_lsoftmax.callbacks import LambdaScheduler
 from keras_lsoftmax.callbacks import RunLambdaSchedules
 from keras_lsoftmax.layers import find_margin_heads
 from keras_lsoftmax.margin_step import LatestValue
 from keras_lsoftmax.margin_step import check_targets
-
-if BACKEND == "tensorflow":
-    from keras_lsoftmax.backend.tensorflow.trainer import MarginTrainer
-elif BACKEND == "jax":
-    from keras_lsoftmax.backend.jax.trainer import MarginTrainer
-else:
-    from keras_lsoftmax.backend.torch.trainer import MarginTrainer
 
 
 _MARGIN_LOGS = ("lsoftmax_lambda", "lsoftmax_theta")
@@ -175,36 +168,6 @@ class MarginTrainingMixin(MarginTrainer):
     ) -> Any:
         logs = super().test_on_batch(x, y, sample_weight, return_dict=True)
         return logs if return_dict else _keras_results(self, logs)
-
-    def get_compile_config(self) -> dict[str, Any] | None:
-        """Keras's compile config, with optimizers named by public class.
-
-        Keras saves an optimizer of the PyTorch backend under its backend
-        module (`keras.src.backend.torch.optimizers.torch_adam`), so loading
-        the file on another backend imports PyTorch there: TensorFlow and
-        the `triton` of CUDA builds of PyTorch crash one process together.
-        The public class (`keras.optimizers.Adam`) has the same config.
-        """
-        config = super().get_compile_config()
-        return None if config is None else _public_optimizers(config)
-
-
-def _public_optimizers(config: Any) -> Any:
-    """`config` with every backend-specific optimizer class made public."""
-    if isinstance(config, list):
-        return [_public_optimizers(item) for item in config]
-    if not isinstance(config, dict):
-        return config
-    config = {key: _public_optimizers(value) for key, value in config.items()}
-    module = config.get("module")
-    name = config.get("class_name")
-    if (
-        isinstance(module, str)
-        and module.startswith("keras.src.backend.")
-        and hasattr(keras.optimizers, str(name))
-    ):
-        config.update(module="keras.optimizers", registered_name=None)
-    return config
 
 
 def _keras_results(model: keras.Model, logs: dict[str, Any]) -> Any:

@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -40,10 +42,62 @@ print(keras.backend.backend(), "tensorflow" in sys.modules)
 """
 
 
+_TRAINER_NAMES = {
+    "tensorflow": "TensorFlowMarginTrainer",
+    "jax": "JaxMarginTrainer",
+    "torch": "TorchMarginTrainer",
+}
+
+
 def test_the_backend_of_keras_is_used():
     assert backend.BACKEND == keras.backend.backend()
     module = backend.ops.__name__
     assert module == f"keras_lsoftmax.backend.{keras.backend.backend()}.ops"
+
+
+def test_the_backend_module_exposes_ops_tracing_and_the_trainer():
+    name = keras.backend.backend()
+    package = f"keras_lsoftmax.backend.{name}"
+    assert backend.ops.__name__ == f"{package}.ops"
+    assert backend.tracing.__name__ == f"{package}.tracing"
+    trainer = backend.MarginTrainer
+    assert trainer.__name__ == _TRAINER_NAMES[name]
+    assert trainer.__module__ == f"{package}.trainer"
+    assert keras_lsoftmax.MarginTrainingMixin.__bases__ == (trainer,)
+    assert issubclass(keras_lsoftmax.Sequential, trainer)
+
+
+# Private TensorFlow and Keras names (modules, and the Keras methods the
+# TensorFlow trainer overrides), kept to the backends' compat modules.
+_PRIVATE_NAMES = re.compile(
+    r"tensorflow\.python|keras\.src\b|\b_(maybe_)?symbolic_build\b"
+)
+
+
+def test_private_names_live_only_in_the_compat_modules():
+    package = pathlib.Path(ROOT) / "keras_lsoftmax"
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "compat.py":
+            continue
+        lines = path.read_text().splitlines()
+        hits = [n for n, line in enumerate(lines, 1) if _PRIVATE_NAMES.search(line)]
+        if hits:
+            found[str(path.relative_to(ROOT))] = hits
+    assert found == {}
+    compat = sorted(p.parent.name for p in package.rglob("compat.py"))
+    assert compat == ["tensorflow", "torch"]
+
+
+def test_only_the_backend_package_chooses_by_backend_name():
+    package = pathlib.Path(ROOT) / "keras_lsoftmax"
+    choice = re.compile(r"BACKEND\s*[!=]=|backend\(\)\s*[!=]=")
+    found = [
+        str(path.relative_to(ROOT))
+        for path in sorted(package.rglob("*.py"))
+        if choice.search(path.read_text())
+    ]
+    assert found == [os.path.join("keras_lsoftmax", "backend", "__init__.py")]
 
 
 # In a subprocess: a user's process, where nothing blocks TensorFlow.
@@ -81,8 +135,38 @@ def test_an_unsupported_backend_is_named():
         env={**os.environ, "KERAS_BACKEND": "numpy"},
     )
     assert result.returncode != 0
+    assert "ImportError: " in result.stderr
     assert "KERAS_BACKEND='numpy'" in result.stderr
     assert "'tensorflow', 'jax' and 'torch'" in result.stderr
+
+
+# A backend name Keras itself may add later: the choice reads
+# `keras.backend.backend()`, so a patched one stands for it without scipy.
+_IMPORT_UNDER_AN_UNKNOWN_BACKEND = """
+import keras
+keras.backend.backend = lambda: "mlx"
+try:
+    import keras_lsoftmax
+except ImportError as error:
+    print(type(error).__name__, error)
+else:
+    print("imported")
+"""
+
+
+def test_an_unknown_backend_is_an_import_error_naming_it():
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_UNDER_AN_UNKNOWN_BACKEND],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == (
+        "ImportError keras_lsoftmax supports the Keras backends 'tensorflow', "
+        "'jax' and 'torch'. Received: KERAS_BACKEND='mlx'"
+    )
 
 
 def test_public_api_is_the_same_on_every_backend():

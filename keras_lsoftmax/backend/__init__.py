@@ -1,31 +1,45 @@
 """The backend implementations of the op and the train step.
 
-`keras.backend.backend()` chooses one at import, as Keras and keras-rs do:
-`tensorflow/`, `jax/` or `torch/`, each with an `ops` module (the margin op
-and its analytic gradient, see `keras_lsoftmax.ops` for the math), a
-`tracing` module (a model call traced for its structure only, for the label
-routing) and a `trainer` module (the train and test steps that hand the
-labels to the heads, imported by `keras_lsoftmax.models`). Only the chosen
-backend is imported.
+This is the one place that chooses a backend: `keras.backend.backend()`
+picks one at import, as Keras and keras-rs do: `tensorflow/`, `jax/` or
+`torch/`, each with an `ops` module (the margin op and its analytic
+gradient, see `keras_lsoftmax.ops` for the math), a `tracing` module (a
+model call traced for its structure only, for the label routing) and a
+`trainer` module whose trainer class is named after the backend
+(`TensorFlowMarginTrainer`, `JaxMarginTrainer`, `TorchMarginTrainer`); it is
+exported here as `MarginTrainer`, the base of
+`keras_lsoftmax.MarginTrainingMixin`. The private TensorFlow and Keras names
+a backend uses live in its `compat` module. Only the chosen backend is
+imported; any other raises an ImportError naming it.
 """
 
 import keras
 
 BACKEND = keras.backend.backend()
 
+# `ops` and `tracing` first: the trainer's imports read them from here.
 if BACKEND == "tensorflow":
     from keras_lsoftmax.backend.tensorflow import ops
     from keras_lsoftmax.backend.tensorflow import tracing
+    from keras_lsoftmax.backend.tensorflow.trainer import (
+        TensorFlowMarginTrainer as MarginTrainer,
+    )
 elif BACKEND == "jax":
     from keras_lsoftmax.backend.jax import ops
     from keras_lsoftmax.backend.jax import tracing
+    from keras_lsoftmax.backend.jax.trainer import (
+        JaxMarginTrainer as MarginTrainer,
+    )
 elif BACKEND == "torch":
     from keras_lsoftmax.backend.torch import ops
     from keras_lsoftmax.backend.torch import tracing
+    from keras_lsoftmax.backend.torch.trainer import (
+        TorchMarginTrainer as MarginTrainer,
+    )
 else:
     raise ImportError(
         "keras_lsoftmax supports the Keras backends 'tensorflow', 'jax' and "
         f"'torch'. Received: KERAS_BACKEND={BACKEND!r}"
     )
 
-__all__ = ["BACKEND", "ops", "tracing"]
+__all__ = ["BACKEND", "MarginTrainer", "ops", "tracing"]

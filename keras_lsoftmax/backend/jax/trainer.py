@@ -24,7 +24,7 @@ from keras_lsoftmax.margin_step import plain_predictions
 from keras_lsoftmax.margin_step import update_metrics
 
 
-class MarginTrainer:
+class JaxMarginTrainer:
     """`train_step` and `test_step` of `MarginTrainingMixin` on JAX."""
 
     def train_step(self, state: tuple, data: Any) -> tuple[dict, tuple]:

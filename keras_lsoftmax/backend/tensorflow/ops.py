@@ -13,20 +13,9 @@ from keras_lsoftmax.backend.common import check_lambda_number
 from keras_lsoftmax.backend.common import check_operand_shapes
 from keras_lsoftmax.backend.common import compute_dtype as _dtype_name
 from keras_lsoftmax.backend.common import target_terms
+from keras_lsoftmax.backend.tensorflow import compat
 from keras_lsoftmax.margins import TargetMargin
 from keras_lsoftmax.margins import as_target_margin
-
-try:
-    from tensorflow.python.ops import control_flow_util as _control_flow_util
-except ImportError:
-    _control_flow_util = None
-try:
-    from tensorflow.python.framework import kernels as _kernels
-    from tensorflow.python.framework.config import (
-        is_op_determinism_enabled as _is_op_determinism_enabled,
-    )
-except ImportError:
-    _kernels = _is_op_determinism_enabled = None
 
 
 def compute_dtype(*dtypes: tf.DType) -> tf.DType:
@@ -276,14 +265,12 @@ _XLA_CPU_ONLY = None
 
 
 def _xla_cpu_only() -> bool:
-    # Private TensorFlow modules again: without them, keep to plain kernels.
     global _XLA_CPU_ONLY
-    if _kernels is None or _is_op_determinism_enabled():
+    if compat.op_determinism_enabled():
         return False
     if _XLA_CPU_ONLY is None:
-        launch = _kernels.get_registered_kernels_for_op("XlaLaunch")
-        _XLA_CPU_ONLY = any(
-            k.device_type == "CPU" for k in launch.kernel
+        _XLA_CPU_ONLY = "CPU" in compat.kernel_device_types(
+            "XlaLaunch"
         ) and all(
             d.device_type == "CPU" for d in tf.config.list_logical_devices()
         )
@@ -376,14 +363,7 @@ def _add_at(
     )
 
 
-def _in_xla_context() -> bool:
-    # Public TensorFlow cannot tell whether the current trace is compiled by
-    # XLA (`jit_compile=True`, TPU); the check `tf.function` itself relies on
-    # lives in this module. Without it, take the path that XLA accepts.
-    if _control_flow_util is None:
-        return True
-    graph = tf.compat.v1.get_default_graph()
-    return _control_flow_util.GraphOrParentsInXlaContext(graph)
+_in_xla_context = compat.in_xla_context
 
 
 def target_index(labels: tf.Tensor) -> tf.Tensor:

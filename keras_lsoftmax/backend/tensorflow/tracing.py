@@ -12,3 +12,10 @@ def trace_only(fn: Any, x: Any, variables: list) -> None:
     """
     del variables
     tf.function(fn, autograph=False).get_concrete_function(x)
+
+
+def current_graph() -> tf.Graph | None:
+    """The graph being traced, or None in eager mode."""
+    if tf.executing_eagerly():
+        return None
+    return tf.compat.v1.get_default_graph()

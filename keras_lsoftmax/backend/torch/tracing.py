@@ -14,3 +14,8 @@ def trace_only(fn: Any, x: Any, variables: list) -> None:
     del variables
     with torch.no_grad(), keras.StatelessScope():
         fn(x)
+
+
+def current_graph() -> None:
+    """None: PyTorch traces in no graph of its own (see `label_scope`)."""
+    return None

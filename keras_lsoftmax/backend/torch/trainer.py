@@ -6,6 +6,7 @@ from typing import Any
 import keras
 import torch
 
+from keras_lsoftmax.backend.torch.compat import public_optimizers
 from keras_lsoftmax.label_routing import model_label_scope
 from keras_lsoftmax.margin_step import check_targets
 from keras_lsoftmax.margin_step import margin_values
@@ -14,7 +15,7 @@ from keras_lsoftmax.margin_step import plain_predictions
 from keras_lsoftmax.margin_step import update_metrics
 
 
-class MarginTrainer:
+class TorchMarginTrainer:
     """`train_step` and `test_step` of `MarginTrainingMixin` on PyTorch."""
 
     def train_step(self, data: Any) -> dict[str, Any]:
@@ -67,3 +68,14 @@ class MarginTrainer:
             loss,
             margin_values(self, scope.records),
         )
+
+    def get_compile_config(self) -> dict[str, Any] | None:
+        """Keras's compile config, with optimizers named by public class.
+
+        Keras saves an optimizer of the PyTorch backend under its backend
+        module, so loading the file on another backend would import PyTorch
+        there (see `compat.public_optimizers`). The public class
+        (`keras.optimizers.Adam`) has the same config.
+        """
+        config = super().get_compile_config()
+        return None if config is None else public_optimizers(config)

@@ -14,6 +14,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from keras_lsoftmax import ops  # noqa: E402
+from keras_lsoftmax.backend.tensorflow import compat  # noqa: E402
 from keras_lsoftmax.backend.tensorflow import ops as tf_ops  # noqa: E402
 from tests import numpy_reference as ref  # noqa: E402
 
@@ -379,7 +380,7 @@ def test_compiled_forward_only_where_it_pays(monkeypatch):
         assert tf_ops._compile_forward(unknown, w)
         with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
             assert not tf_ops._compile_forward(x, w)
-        monkeypatch.setattr(tf_ops, "_is_op_determinism_enabled", lambda: True)
+        monkeypatch.setattr(compat, "op_determinism_enabled", lambda: True)
         assert not tf_ops._compile_forward(x, w)
     # Eager mode runs the plain kernels; so does a graph XLA compiles anyway.
     assert not tf_ops._compile_forward(tf.zeros((128, 8)), tf.zeros((1000, 8)))
