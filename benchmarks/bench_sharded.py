@@ -38,9 +38,9 @@ per call, spread over the steps.
 
 Memory: the peak resident memory of the configuration's process
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), before the model is built
-(after the imports) and at the end; host devices share the host's memory, so the sharded peak is that of
-all N devices together. The difference of the two peaks is what sharding
-adds or saves in all, not per device.
+(after the imports) and at the end. Host devices share the host's memory,
+so the sharded peak is that of all N devices together: the difference of
+the two peaks is what sharding adds or saves in all, not per device.
 
 Measured on a shared 2-core x86-64 CPU (4 emulated host devices): see
 docs/sharding.md for the figures and the commands. A line on stderr reports

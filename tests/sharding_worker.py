@@ -7,7 +7,7 @@ Run with `KERAS_BACKEND=jax` and
 kernel's and the optimizer state's shards, the collectives of the compiled
 train step and the shapes they produce, the largest weight and loss
 differences between the two runs, and those between the sharded model and
-its saved and loaded copy.
+its saved copy loaded with and without the distribution.
 """
 
 import json
@@ -134,6 +134,8 @@ def main():
     sharded.save(path)
     loaded = keras.saving.load_model(path)
     loaded_kernel = loaded.get_layer("head").kernel
+    keras.distribution.set_distribution(None)
+    unsharded = keras.saving.load_model(path)
 
     def max_diff(a, b):
         return max(
@@ -160,6 +162,10 @@ def main():
                 "max_weight_diff": max_diff(single, sharded),
                 "max_update": float(np.max(np.abs(trained - initial))),
                 "loaded_max_diff": max_diff(sharded, loaded),
+                "unsharded_load_max_diff": max_diff(sharded, unsharded),
+                "unsharded_load_kernel_shards": _shard_shapes(
+                    unsharded.get_layer("head").kernel
+                ),
                 "single": single_logs,
                 "sharded": sharded_logs,
             }

@@ -8,7 +8,8 @@ host devices is fixed by `XLA_FLAGS` before JAX is imported. Checked:
 - the compiled train step's collectives carry (B, ·) pieces only: no
   all-gather (or other collective) of a (C, D) or (C/4, D) array;
 - `fit` gives the weights and loss of the same seeded run on one device;
-- the `.keras` file loads back with the same values, sharded again.
+- the `.keras` file loads back with the same values, sharded again under
+  the distribution and whole on one device without it.
 
 Run `pytest -s` to see the worker's report.
 """
@@ -96,3 +97,11 @@ def test_saved_sharded_model_loads_equal_and_sharded(report):
     assert report["loaded_max_diff"] == 0.0
     rows = report["classes"] // DEVICES
     assert report["loaded_kernel_shards"] == [[rows, report["dim"]]] * DEVICES
+
+
+@pytest.mark.jax
+def test_saved_sharded_model_loads_on_one_device(report):
+    assert report["unsharded_load_max_diff"] == 0.0
+    assert report["unsharded_load_kernel_shards"] == [
+        [report["classes"], report["dim"]]
+    ]
