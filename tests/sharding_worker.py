@@ -90,8 +90,8 @@ def _kernel_slots(model):
     ]
 
 
-def _compiled_collectives(model):
-    """(op, result shapes) of each collective of the compiled train step.
+def _compiled_step(model):
+    """The HLO text of the compiled train step of one device.
 
     The step is `model.train_step` jitted as Keras's JAX trainer jits it:
     the state in and out with the variables' shardings.
@@ -108,10 +108,14 @@ def _compiled_collectives(model):
     shardings = jax.tree.map(lambda a: a.sharding, state)
     x, y = _data()
     step = jax.jit(model.train_step, out_shardings=(None, shardings))
-    text = step.lower(state, (x[:BATCH], y[:BATCH])).compile().as_text()
+    return step.lower(state, (x[:BATCH], y[:BATCH])).compile().as_text()
+
+
+def _collectives(hlo):
+    """(op, result shapes) of each collective of `hlo`."""
     return [
         (op, re.findall(r"\w+\[[\d,]*\]", shapes))
-        for shapes, op in _COLLECTIVE.findall(text)
+        for shapes, op in _COLLECTIVE.findall(hlo)
     ]
 
 
@@ -130,7 +134,7 @@ def main():
     sharded = _model()
     sharded_logs = _fit(sharded)
     kernel = sharded.get_layer("head").kernel
-    collectives = _compiled_collectives(sharded)
+    hlo = _compiled_step(sharded)
     sharded.save(path)
     loaded = keras.saving.load_model(path)
     loaded_kernel = loaded.get_layer("head").kernel
@@ -158,7 +162,10 @@ def main():
                 "slot_names": [v.path for v in _kernel_slots(sharded)],
                 "slot_shards": [_shard_shapes(v) for v in _kernel_slots(sharded)],
                 "loaded_kernel_shards": _shard_shapes(loaded_kernel),
-                "collectives": collectives,
+                "collectives": _collectives(hlo),
+                # Arrays of the whole kernel's shape, of any element type.
+                "full_kernel_arrays": len(re.findall(rf"\[{C},{D}\]", hlo)),
+                "shard_arrays": len(re.findall(rf"\[{C // 4},{D}\]", hlo)),
                 "max_weight_diff": max_diff(single, sharded),
                 "max_update": float(np.max(np.abs(trained - initial))),
                 "loaded_max_diff": max_diff(sharded, loaded),

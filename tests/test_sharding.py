@@ -6,7 +6,8 @@ host devices is fixed by `XLA_FLAGS` before JAX is imported. Checked:
 
 - each device holds C/4 rows of the kernel and of both Adam slots;
 - the compiled train step's collectives carry (B, ·) pieces only: no
-  all-gather (or other collective) of a (C, D) or (C/4, D) array;
+  all-gather (or other collective) of a (C, D) or (C/4, D) array, and no
+  (C, D) array at all in the step of a device;
 - `fit` gives the weights and loss of the same seeded run on one device;
 - the `.keras` file loads back with the same values, sharded again under
   the distribution and whole on one device without it.
@@ -82,6 +83,9 @@ def test_compiled_step_never_gathers_the_kernel(report):
             # class rows, neither all of them nor one device's share.
             assert dims[0] == batch, (op, shape)
             assert not {classes, classes // DEVICES} & set(dims), (op, shape)
+    # Nor is a whole (C, D) array made on a device: only (C/4, D) shards.
+    assert report["full_kernel_arrays"] == 0
+    assert report["shard_arrays"] > 0
 
 
 @pytest.mark.jax
