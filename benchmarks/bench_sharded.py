@@ -149,11 +149,10 @@ def _peak_mb() -> float:
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration, in this process; returns its row."""
-    import jax
-
-    if len(jax.devices()) != args.devices:
+    devices = keras.distribution.list_devices()
+    if len(devices) != args.devices:
         raise RuntimeError(
-            f"Expected {args.devices} JAX devices, found {jax.devices()}: "
+            f"Expected {args.devices} JAX devices, found {devices}: "
             "XLA_FLAGS must be set before JAX is imported"
         )
     if args.worker == "sharded":
@@ -197,7 +196,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": args.worker,
         "classes": args.classes,
-        "devices": len(jax.devices()),
+        "devices": len(devices),
         "kernel_shards": [
             list(s.data.shape) for s in kernel.value.addressable_shards
         ],
