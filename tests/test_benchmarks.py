@@ -26,6 +26,7 @@ from benchmarks import backend_steps
 from benchmarks import bench_fit
 from benchmarks import bench_head
 from benchmarks import bench_mnist
+from benchmarks import bench_sharded
 from benchmarks import report
 from benchmarks.backend_choice import select_backend
 from benchmarks.common import duration
@@ -457,6 +458,9 @@ _RUN_FLAGS = ["--seed", "--out", "--smoke"]
                      "--epochs", *_RUN_FLAGS]),
         (bench_mnist, ["--data", "--limit", "--epochs", "--batch-size",
                        *_RUN_FLAGS]),
+        (bench_sharded, ["--classes", "--dim", "--batch", "--input-dim",
+                         "--margin", "--devices", "--configs", "--steps",
+                         "--repeats", "--warmup", *_RUN_FLAGS]),
     ],
 )
 def test_help_states_every_default(capsys, script, flags):
@@ -544,6 +548,34 @@ def test_bench_fit_smoke(tmp_path, capsys, mode):
     progress = _progress_lines(captured.err)
     assert [line.split(" ")[:3] for line in progress] == [
         ["[1/2]", "timed", "C=10"], ["[2/2]", "timed", "C=100"]
+    ]
+
+
+# JAX only; each configuration runs in a process with 4 host devices.
+@pytest.mark.jax
+def test_bench_sharded_smoke(tmp_path, capsys):
+    out = tmp_path / "smoke.json"
+    bench_sharded.main(["--smoke", "--out", str(out)])
+    captured = capsys.readouterr()
+    data = json.loads(out.read_text())
+    config = data["config"]
+    assert (config["classes"], config["dim"], config["devices"]) == (4000, 32, 4)
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == ["sharded", "unsharded"]
+    assert rows["sharded"]["kernel_shards"] == [[1000, 32]] * 4
+    assert rows["unsharded"]["kernel_shards"] == [[4000, 32]]
+    for r in rows.values():
+        assert r["devices"] == 4 and len(r["samples_ms"]) == 2
+        assert r["median_ms"] > 0 and math.isfinite(r["final_loss"])
+        assert r["peak_mb"] >= r["peak_before_model_mb"] > 0
+    # The same seeded weights and batches: the same training.
+    assert rows["sharded"]["final_loss"] == pytest.approx(
+        rows["unsharded"]["final_loss"], abs=1e-5
+    )
+    assert rows["unsharded"]["ratio_to_unsharded"] == 1.0
+    assert len(_table_rows(captured.out)) == 2
+    assert [line.split(" ")[:3] for line in _progress_lines(captured.err)] == [
+        ["[1/2]", "sharded", "C=4000:"], ["[2/2]", "unsharded", "C=4000:"]
     ]
 
 

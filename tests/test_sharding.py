@@ -1,0 +1,111 @@
+"""Class-sharded heads on JAX: `ModelParallel` with a `LayoutMap` entry for
+the head's kernel (the recipe of docs/sharding.md), on 4 CPU devices.
+
+The work runs in a subprocess (`tests/sharding_worker.py`): the number of
+host devices is fixed by `XLA_FLAGS` before JAX is imported. Checked:
+
+- each device holds C/4 rows of the kernel and of both Adam slots;
+- the compiled train step's collectives carry (B, ·) pieces only: no
+  all-gather (or other collective) of a (C, D) or (C/4, D) array, and no
+  (C, D) array at all in the step of a device;
+- `fit` gives the weights and loss of the same seeded run on one device;
+- the `.keras` file loads back with the same values, sharded again under
+  the distribution and whole on one device without it.
+
+Run `pytest -s` to see the worker's report.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 120  # seconds
+DEVICES = 4
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sharding") / "model.keras"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [ROOT, env.get("PYTHONPATH")] if p
+    )
+    env.update(
+        KERAS_BACKEND="jax",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
+        CUDA_VISIBLE_DEVICES="",  # host devices, also on GPU machines
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.sharding_worker", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    print(data)
+    return data
+
+
+@pytest.mark.jax
+def test_each_device_holds_its_rows_of_kernel_and_adam_state(report):
+    rows = report["classes"] // DEVICES
+    shard = [rows, report["dim"]]
+    assert report["devices"] == DEVICES
+    assert report["kernel_path"].endswith("/head/kernel")
+    assert report["kernel_spec"] == "P('model', None)"
+    assert report["kernel_shards"] == [shard] * DEVICES
+    assert report["kernel_shard_devices"] == list(range(DEVICES))
+    assert [name.rsplit("_", 1)[-1] for name in report["slot_names"]] == [
+        "momentum",
+        "velocity",
+    ]
+    assert report["slot_shards"] == [[shard] * DEVICES] * 2
+
+
+@pytest.mark.jax
+def test_compiled_step_never_gathers_the_kernel(report):
+    batch, classes = 64, report["classes"]
+    collectives = report["collectives"]
+    assert collectives  # the sharded softmax does communicate
+    for op, shapes in collectives:
+        for shape in shapes:
+            dims = [int(d) for d in shape.split("[")[1][:-1].split(",") if d]
+            # Per-sample pieces, (B,) or (B, ·): the labelled rows, the
+            # softmax's max and sum, the gradient of the features; never
+            # class rows, neither all of them nor one device's share.
+            assert dims[0] == batch, (op, shape)
+            assert not {classes, classes // DEVICES} & set(dims), (op, shape)
+    # Nor is a whole (C, D) array made on a device: only (C/4, D) shards.
+    assert report["full_kernel_arrays"] == 0
+    assert report["shard_arrays"] > 0
+
+
+@pytest.mark.jax
+def test_sharded_fit_equals_one_device(report):
+    assert report["max_update"] > 1e-2  # the steps moved the kernel
+    assert report["max_weight_diff"] <= 1e-5
+    for name, value in report["single"].items():
+        assert report["sharded"][name] == pytest.approx(value, abs=1e-5)
+
+
+@pytest.mark.jax
+def test_saved_sharded_model_loads_equal_and_sharded(report):
+    assert report["loaded_max_diff"] == 0.0
+    rows = report["classes"] // DEVICES
+    assert report["loaded_kernel_shards"] == [[rows, report["dim"]]] * DEVICES
+
+
+@pytest.mark.jax
+def test_saved_sharded_model_loads_on_one_device(report):
+    assert report["unsharded_load_max_diff"] == 0.0
+    assert report["unsharded_load_kernel_shards"] == [
+        [report["classes"], report["dim"]]
+    ]
