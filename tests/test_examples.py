@@ -217,8 +217,8 @@ def test_margin_comparison_smoke(mnist_npz, tmp_path):
     out = tmp_path / "cmp"
     stdout = _run(
         "mnist_margin_comparison.py", "--data", mnist_npz, "--smoke",
-        "--seeds", "0", "1", "--margins", "0", "4", "--out", str(out),
-        "--verbose", "0", cwd=tmp_path,
+        "--seeds", "0", "1", "--heads", "softmax", "lsoftmax4", "arcface",
+        "--out", str(out), "--verbose", "0", cwd=tmp_path,
     )
     table = (out / "results.md").read_text()
     assert table in stdout.replace("\r", "")
@@ -226,23 +226,84 @@ def test_margin_comparison_smoke(mnist_npz, tmp_path):
     assert rows[0].startswith("| head | test error % (mean ± std) |")
     assert rows[1].startswith("| softmax | ")
     assert rows[2].startswith("| L-Softmax m=4 | ")
+    assert rows[3].startswith("| ArcFace m=0.5, s=30 | ")
     assert " ± " in rows[1]
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    assert [(r["margin"], r["seed"]) for r in runs] == [
-        (0, 0), (0, 1), (4, 0), (4, 1)
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["scale"] == 30.0
+    runs = summary["runs"]
+    assert [(r["name"], r["seed"]) for r in runs] == [
+        ("softmax", 0), ("softmax", 1), ("lsoftmax4", 0), ("lsoftmax4", 1),
+        ("arcface", 0), ("arcface", 1),
     ]
     for run in runs:
         assert 0.0 <= run["error_percent"] <= 100.0
         assert set(run["angles_deg"]) == {"intra", "inter_means",
                                           "inter_weights"}
+    # Only the annealed heads report λ; ArcFace's is the constant 0.
     assert runs[0]["final_lambda"] is None
     assert runs[2]["final_lambda"] >= 0.0
-    deltas = [runs[i]["error_percent"] - runs[i - 2]["error_percent"]
-              for i in (2, 3)]
-    assert "\n| L-Softmax m=4 | " + ", ".join(f"{d:+.2f}" for d in deltas) + (
-        " | "
-    ) in table
+    assert runs[4]["final_lambda"] is None
+    for head, first in (("L-Softmax m=4", 2), ("ArcFace m=0.5, s=30", 4)):
+        deltas = [runs[i]["error_percent"] - runs[i - first]["error_percent"]
+                  for i in (first, first + 1)]
+        assert f"\n| {head} | " + ", ".join(f"{d:+.2f}" for d in deltas) + (
+            " | "
+        ) in table
     assert "softmax, seed 1 · epoch 1/1 · " in stdout
+    assert "ArcFace m=0.5, s=30, seed 1 · epoch 1/1 · " in stdout
+
+
+@pytest.mark.tensorflow  # the script imports TensorFlow
+def test_margin_comparison_heads(examples_module, capsys):
+    import keras
+
+    import keras_lsoftmax
+
+    comparison = examples_module("mnist_margin_comparison")
+    assert comparison.parse_args([]).heads == [
+        "softmax", "lsoftmax2", "lsoftmax4", "sphereface", "cosface",
+        "arcface",
+    ]
+    args = comparison.parse_args(["--heads", "lsoftmax3", "CosFace",
+                                  "--scale", "16"])
+    assert args.heads == ["lsoftmax3", "cosface"] and args.scale == 16.0
+
+    def head(name):
+        model = comparison.build_model(name, False, 5e-4, scale=16.0)
+        return model.get_layer("head")
+
+    softmax = head("softmax")
+    assert type(softmax) is keras.layers.Dense and not softmax.use_bias
+    assert head("lsoftmax3").margin == 3
+    sphereface = head("sphereface")
+    assert isinstance(sphereface, keras_lsoftmax.SphereFaceDense)
+    assert sphereface.margin == 4 and sphereface.lambda_schedule == "auto"
+    cosface = head("cosface")
+    assert isinstance(cosface, keras_lsoftmax.CosFaceDense)
+    assert (cosface.margin, cosface.scale) == (
+        pytest.approx(0.35, abs=1e-9), 16.0
+    )
+    arcface = head("arcface")
+    assert isinstance(arcface, keras_lsoftmax.ArcFaceDense)
+    assert (arcface.margin, arcface.scale, arcface.sub_centers) == (
+        pytest.approx(0.5, abs=1e-9), 16.0, 1
+    )
+    # The network's kernel initialization and weight decay on every head.
+    for layer in (softmax, sphereface, cosface, arcface):
+        assert isinstance(layer.kernel_initializer, keras.initializers.HeNormal)
+        assert layer.kernel_regularizer.l2 == pytest.approx(2.5e-4, abs=1e-12)
+
+    for argv, message in (
+        (["--heads", "lsoftmax1"], "expected softmax, lsoftmaxM with an "
+         "integer M ≥ 2 (e.g. lsoftmax4), sphereface, cosface or arcface, "
+         "got 'lsoftmax1'"),
+        (["--heads", "normface"], "got 'normface'"),
+        (["--scale", "0"], "--scale must be positive, got 0.0"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            comparison.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 # The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
@@ -253,7 +314,8 @@ def test_margin_comparison_validation_never_reads_the_test_set(tmp_path):
     stdout = _run(
         "mnist_margin_comparison.py", "--data",
         _broken_test_split(tmp_path / "mnist.npz"), "--smoke",
-        "--validation", "--seeds", "0", "--margins", "2", "--out", str(out),
+        "--validation", "--seeds", "0", "--heads", "lsoftmax2", "--out",
+        str(out),
         "--verbose", "0", cwd=tmp_path,
     )
     assert "| head | validation error % (mean ± std) |" in stdout
@@ -310,8 +372,8 @@ def examples_module(monkeypatch):
                                "--jobs", "--convs-per-group"]),
         pytest.param(
             "mnist_margin_comparison",
-            ["--data", "--seeds", "--out", "--smoke", "--validation",
-             "--paper", "--lambda-min"],
+            ["--data", "--seeds", "--heads", "--scale", "--out", "--smoke",
+             "--validation", "--paper", "--lambda-min"],
             marks=pytest.mark.tensorflow,
         ),
         pytest.param(
@@ -412,13 +474,17 @@ def test_angle_stats(examples_module):
 def test_paired_table(examples_module):
     comparison = examples_module("mnist_margin_comparison")
     runs = [
-        {"head": comparison.common.margin_name(m), "margin": m, "seed": s,
+        {"head": comparison.head_label(h, 30.0), "name": h, "seed": s,
          "error_percent": e}
-        for m, s, e in [(0, 0, 0.80), (0, 1, 0.90), (0, 2, 0.70),
-                        (4, 0, 0.70), (4, 1, 0.70), (4, 2, 0.70),
-                        (2, 0, 0.8000009), (2, 1, 0.8999991)]
+        for h, s, e in [("softmax", 0, 0.80), ("softmax", 1, 0.90),
+                        ("softmax", 2, 0.70), ("cosface", 0, 0.70),
+                        ("cosface", 1, 0.70), ("cosface", 2, 0.70),
+                        ("lsoftmax2", 0, 0.8000009),
+                        ("lsoftmax2", 1, 0.8999991)]
     ]
-    rows = comparison.paired_table(runs, [0, 2, 4], "test").splitlines()
+    rows = comparison.paired_table(
+        runs, ["softmax", "lsoftmax2", "cosface"], "test"
+    ).splitlines()
     assert rows[0].startswith("| head | Δ test error vs softmax")
     # m = 2 only ran seeds 0 and 1: equal to softmax on both, up to float32
     # noise, which is no win.
@@ -427,10 +493,10 @@ def test_paired_table(examples_module):
     )
     # Deltas -0.1, -0.2, 0: mean -0.1, std 0.1, t = -0.1 / (0.1 / √3).
     assert rows[3] == (
-        "| L-Softmax m=4 | -0.10, -0.20, +0.00 | -0.10 ± 0.10 | 2 of 3 seeds "
-        "| -1.73 |"
+        "| CosFace m=0.35, s=30 | -0.10, -0.20, +0.00 | -0.10 ± 0.10 | 2 of 3 "
+        "seeds | -1.73 |"
     )
-    assert comparison.paired_table(runs[3:6], [4], "test") == ""
+    assert comparison.paired_table(runs[3:6], ["cosface"], "test") == ""
 
 
 def test_format_duration(examples_module):
