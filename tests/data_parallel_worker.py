@@ -3,9 +3,13 @@
 Run with `KERAS_BACKEND=jax` and
 `XLA_FLAGS=--xla_force_host_platform_device_count=2`; prints, as JSON, the
 largest weight difference between the two runs and their final logs.
+With arguments `KIND...`, does so once per head of the family named
+(`tests.family_heads.HEADS`) instead of `LSoftmaxDense`, and prints
+{KIND: report}.
 """
 
 import json
+import sys
 
 import jax
 import keras
@@ -13,19 +17,21 @@ import numpy as np
 
 import keras_lsoftmax
 from tests.datasets import random_classification
+from tests.family_heads import HEADS
 
 D, C = 10, 4
 
 
-def _train(distribution):
+def _train(distribution, kind=None):
     keras.distribution.set_distribution(distribution)
     keras.utils.set_random_seed(0)
+    head = (
+        keras_lsoftmax.LSoftmaxDense(C, margin=4, name="head")
+        if kind is None
+        else HEADS[kind](C, "head")
+    )
     model = keras_lsoftmax.Sequential(
-        [
-            keras.Input((D,)),
-            keras.layers.Dense(16, activation="relu"),
-            keras_lsoftmax.LSoftmaxDense(C, margin=4, name="head"),
-        ]
+        [keras.Input((D,)), keras.layers.Dense(16, activation="relu"), head]
     )
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
@@ -48,25 +54,28 @@ def _train(distribution):
     return weights, logs
 
 
-def main():
-    devices = jax.devices()
-    assert len(devices) == 2, devices
-    single, single_logs = _train(None)
+def _report(devices, kind=None):
+    single, single_logs = _train(None, kind)
     parallel, parallel_logs = _train(
-        keras.distribution.DataParallel(devices=devices)
+        keras.distribution.DataParallel(devices=devices), kind
     )
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(single, parallel))
-    print(
-        json.dumps(
-            {
-                "devices": len(devices),
-                "max_weight_diff": diff,
-                "single": single_logs,
-                "data_parallel": parallel_logs,
-            }
-        )
-    )
+    return {
+        "devices": len(devices),
+        "max_weight_diff": diff,
+        "single": single_logs,
+        "data_parallel": parallel_logs,
+    }
+
+
+def main(kinds):
+    devices = jax.devices()
+    assert len(devices) == 2, devices
+    if kinds:
+        print(json.dumps({kind: _report(devices, kind) for kind in kinds}))
+    else:
+        print(json.dumps(_report(devices)))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -18,6 +18,10 @@ script with `python tests/distribute_worker.py OUT.json`; it
 
 Both runs use `keras_lsoftmax.LambdaScheduler(InverseDecay(...))` with
 `unit="step"`, `shuffle=False` and a global batch of `GLOBAL_BATCH`.
+
+`python tests/distribute_worker.py OUT.json KIND...` runs steps 2 to 4 only,
+once per head of the family named (`tests.family_heads.HEADS`), and writes
+{KIND: {"single": ..., "mirrored": ...}}.
 """
 
 import json
@@ -39,6 +43,9 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 
 import keras_lsoftmax  # noqa: E402
+
+# Run as a script: the repository root is on PYTHONPATH.
+from tests.family_heads import HEADS  # noqa: E402
 
 FEATURES = 8
 HIDDEN = 16
@@ -67,17 +74,28 @@ def initial_weights() -> list[np.ndarray]:
     ]
 
 
-def build_model() -> keras_lsoftmax.Sequential:
+def build_model(kind: str | None = None) -> keras_lsoftmax.Sequential:
+    """The model with an `LSoftmaxDense` head, or the family head `kind`."""
+    head = (
+        keras_lsoftmax.LSoftmaxDense(CLASSES, margin=MARGIN, name="head")
+        if kind is None
+        else HEADS[kind](CLASSES, "head")
+    )
     model = keras_lsoftmax.Sequential(
         [
             keras.Input((FEATURES,)),
             keras.layers.Dense(HIDDEN, activation="relu", name="hidden"),
-            keras_lsoftmax.LSoftmaxDense(CLASSES, margin=MARGIN, name="head"),
+            head,
         ]
     )
     w1, b1, kernel = initial_weights()
     model.get_layer("hidden").set_weights([w1, b1])
-    model.get_layer("head").kernel.assign(kernel)
+    rows = head.kernel.shape[0] // CLASSES
+    if rows > 1:  # sub-centres: each class's row, moved apart
+        kernel = np.repeat(kernel, rows, axis=0)
+        noise = np.random.default_rng(2).normal(scale=0.1, size=kernel.shape)
+        kernel = (kernel + noise).astype("float32")
+    head.kernel.assign(kernel)
     model.compile(
         optimizer=keras.optimizers.SGD(LEARNING_RATE),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -109,11 +127,11 @@ def replica_lambdas(strategy, layer) -> tuple[list[float], list[float], list[str
     return from_components, from_run, devices
 
 
-def train(strategy) -> dict:
+def train(strategy, kind: str | None = None) -> dict:
     keras.utils.clear_session()
     x, y = make_data()
     with strategy.scope():
-        model = build_model()
+        model = build_model(kind)
     initial = [np.array(w) for w in model.get_weights()]
     losses = BatchLosses()
     schedule = keras_lsoftmax.schedules.InverseDecay(**SCHEDULE)
@@ -188,11 +206,22 @@ def uneven_epoch(model_class, strategy) -> dict:
     }
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, kinds: list[str]) -> None:
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     # One strategy for every run: a second MirroredStrategy in the same
     # process would reuse the collective keys of the first.
     strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    if kinds:
+        result = {
+            kind: {
+                "single": train(tf.distribute.get_strategy(), kind),
+                "mirrored": train(strategy, kind),
+            }
+            for kind in kinds
+        }
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+        return
     single = train(tf.distribute.get_strategy())
     mirrored = train(strategy)
     uneven = uneven_epoch(keras_lsoftmax.Sequential, strategy)
@@ -212,4 +241,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

@@ -142,3 +142,81 @@ def lsoftmax_autodiff(x, w, labels, margin: int, lam):
     target = (lam * a * b * cos + a * b * psi) / (1.0 + lam)
     mask = tf.one_hot(labels, tf.shape(w)[0], dtype=x.dtype)
     return logits * (1.0 - mask) + mask * target[:, None]
+
+
+# ------------------------------------------------- the large-margin family
+#
+# The heads' formulas as /work/shared/reference/margin-family.md states
+# them, with θ by arccos: SphereFace ψ(θ) on unit class weights, CosFace
+# s·(cos θ − m), ArcFace s·cos(θ + m) (s·(cos θ − m·sin m) beyond π − m),
+# sub-centre ArcFace's max over K weights per class.
+
+
+def unit_rows(a) -> np.ndarray:
+    """`a` with every row scaled to unit norm (zero rows stay zero)."""
+    a = np.asarray(a, dtype=np.float64)
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.divide(a, norms, out=np.zeros_like(a), where=norms > 0)
+
+
+def angular_phi(cos, margin: int) -> np.ndarray:
+    """ψ(θ) of L-Softmax and SphereFace, as a function of cos θ."""
+    return psi_ref(np.arccos(np.clip(cos, -1.0, 1.0)), margin)
+
+
+def cosine_phi(cos, margin: float) -> np.ndarray:
+    """CosFace's cos θ − m."""
+    return np.asarray(cos, dtype=np.float64) - margin
+
+
+def arc_phi(cos, margin: float) -> np.ndarray:
+    """ArcFace's cos(θ + m), and cos θ − m·sin m where θ > π − m."""
+    cos = np.clip(np.asarray(cos, dtype=np.float64), -1.0, 1.0)
+    theta = np.arccos(cos)
+    return np.where(
+        theta <= np.pi - margin,
+        np.cos(theta + margin),
+        cos - margin * np.sin(margin),
+    )
+
+
+def head_ref(
+    x,
+    w,
+    labels=None,
+    phi=None,
+    lam: float = 0.0,
+    scale: float | None = None,
+    normalize_weights: bool = False,
+    sub_centers: int = 1,
+    valid=None,
+) -> np.ndarray:
+    """A family head's logits (B, C) in float64; `w` holds K rows per class.
+
+    Features are normalised and scaled by `scale` if it is set, class weights
+    normalised if `normalize_weights`. Without `labels` (or `phi`) the plain
+    logits: per class, the largest of its K sub-centre logits. With them,
+    the labelled class of each row whose `valid` is not 0 takes
+    ‖x‖‖w_k‖·(λ cos θ + φ(cos θ)) / (1 + λ) on its sub-centre k of largest
+    cosine.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    if scale is not None:
+        x = scale * unit_rows(x)
+    if normalize_weights:
+        w = unit_rows(w)
+    per_row = x @ w.T
+    grouped = per_row.reshape(len(x), -1, sub_centers)
+    out = grouped.max(axis=-1)
+    if labels is None or phi is None:
+        return out
+    labels = np.asarray(labels)
+    rows = np.arange(len(x))
+    closest = np.argmax(grouped[rows, labels], axis=-1)
+    chosen = labels * sub_centers + closest
+    a, b, _, cos = target_geometry(x, w, chosen)
+    target = a * b * (lam * cos + phi(cos)) / (1.0 + lam)
+    keep = np.ones(len(x), bool) if valid is None else np.asarray(valid) != 0
+    out[rows[keep], labels[keep]] = target[keep]
+    return out
