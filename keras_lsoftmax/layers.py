@@ -706,8 +706,10 @@ class LSoftmaxDense(MarginDense):
         lambda_schedule: `"auto"` (default), a float ≥ 0 for a constant λ,
             or a `keras_lsoftmax.schedules.LambdaSchedule` (see
             `keras_lsoftmax.MarginDense`). Ignored when `margin=1`.
-        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`,
-            `trainable`, ...).
+        **kwargs: `sample_rate` and `seed` (Partial-FC class sampling, as
+            for `keras_lsoftmax.MarginDense`) and the other
+            `keras.layers.Layer` arguments (`name`, `dtype`, `trainable`,
+            ...).
 
     Call arguments:
         inputs: float tensor (B, D), the features.
