@@ -202,7 +202,9 @@ class MarginDense(keras.layers.Layer):
     ):
         _check_positive_int(units, "units")
         sample_rate = check_sample_rate(sample_rate)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int)
+        ):
             raise ValueError(
                 "Received an invalid value for `seed`, expected an int or "
                 f"None. Received: seed={seed!r}"

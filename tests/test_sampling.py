@@ -1,4 +1,4 @@
-"""Tests of Partial-FC class sampling (`sample_rate`, `keras_lsoftmax.sampling`).
+"""Tests of Partial-FC class sampling (`sample_rate`, `sampling` module).
 
 Covers the draw (labelled classes kept, S distinct classes, labels mapped to
 their positions, seeded reproducibility), the head's sampled logits against
@@ -245,3 +245,14 @@ def test_fit_with_sampling_compiles():
     history = model.fit(x, y, batch_size=40, epochs=4, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert model.predict(x[:3], verbose=0).shape == (3, 200)
+
+
+def test_a_sampling_head_must_give_a_model_output():
+    head = keras_lsoftmax.CosFaceDense(20, scale=10.0, sample_rate=0.2)
+    model = keras_lsoftmax.Sequential(
+        [keras.Input((4,)), head, keras.layers.Rescaling(2.0)]
+    )
+    model.compile(optimizer="sgd", loss=SPARSE_CE)
+    x, y = _blobs(20, 1, dim=4)
+    with pytest.raises(ValueError, match="must be a model output"):
+        model.fit(x, y, batch_size=20, epochs=1, verbose=0)
