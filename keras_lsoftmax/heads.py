@@ -45,7 +45,9 @@ class SphereFaceDense(LSoftmaxDense):
             Dense shape (input_dim, units).
         kernel_regularizer: regularizer for the kernel (units, input_dim).
         kernel_constraint: constraint for the kernel (units, input_dim).
-        **kwargs: other `keras.layers.Layer` arguments.
+        **kwargs: `sample_rate` and `seed` (Partial-FC class sampling, as
+            for `keras_lsoftmax.MarginDense`) and the other
+            `keras.layers.Layer` arguments.
 
     Call arguments:
         inputs: float tensor (B, D), the features.
@@ -113,7 +115,9 @@ class CosFaceDense(MarginDense):
             Dense shape (input_dim, units).
         kernel_regularizer: regularizer for the kernel (units, input_dim).
         kernel_constraint: constraint for the kernel (units, input_dim).
-        **kwargs: other `keras.layers.Layer` arguments.
+        **kwargs: `sample_rate` and `seed` (Partial-FC class sampling, as
+            for `keras_lsoftmax.MarginDense`) and the other
+            `keras.layers.Layer` arguments.
 
     Call arguments:
         inputs: float tensor (B, D), the features.
@@ -195,7 +199,9 @@ class ArcFaceDense(MarginDense):
             (units · sub_centers, input_dim).
         kernel_constraint: constraint for the kernel
             (units · sub_centers, input_dim).
-        **kwargs: other `keras.layers.Layer` arguments.
+        **kwargs: `sample_rate` and `seed` (Partial-FC class sampling, as
+            for `keras_lsoftmax.MarginDense`) and the other
+            `keras.layers.Layer` arguments.
 
     Call arguments:
         inputs: float tensor (B, D), the features.

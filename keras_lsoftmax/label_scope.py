@@ -26,6 +26,13 @@ class HeadRecord:
         valid: float mask (B,), 0 for the rows whose label is the ignored
             class (those rows get no margin), or None if no class is ignored.
         lam: the scalar λ the call used.
+        classes: for a head that samples classes (`sample_rate` < 1) in
+            training, the int32 ids (S,) of the classes its outputs
+            (B, S) are over; `labels` are then positions in `classes`.
+            None when the outputs are over all classes.
+        targets: with `classes`, the labels the loss and metrics take for
+            these outputs: `labels`, with the ignored class in the rows
+            that have it. None otherwise.
     """
 
     layer: Any
@@ -35,6 +42,8 @@ class HeadRecord:
     cos_theta: Any
     valid: Any = None
     lam: Any = None
+    classes: Any = None
+    targets: Any = None
 
 
 class label_scope:  # noqa: N801 (used like a function, as tf.name_scope)

@@ -15,6 +15,8 @@ from keras_lsoftmax.label_scope import current_label_scope
 from keras_lsoftmax.margins import AngularMargin
 from keras_lsoftmax.margins import TargetMargin
 from keras_lsoftmax.margins import check_nonnegative
+from keras_lsoftmax.sampling import check_sample_rate
+from keras_lsoftmax.sampling import sample_classes
 from keras_lsoftmax.schedules import LambdaSchedule
 from keras_lsoftmax.schedules import auto_schedule
 
@@ -104,6 +106,14 @@ class MarginDense(keras.layers.Layer):
     labels to its rows: it raises in training and in `evaluate`, and infers
     as usual.
 
+    With `sample_rate=r` < 1 (Partial FC, see `docs/partial-fc.md`), each
+    training step with labels keeps the classes labelled in the batch plus
+    random negatives, S = min(C, max(int(r·C), B)) classes in all, and
+    returns logits (B, S) over those classes only; the margin-aware
+    models hand the loss and the training metrics the labels' positions
+    among them. Only the kept rows of the kernel get a gradient. Inference
+    and evaluation use all classes. Sparse labels only.
+
     Args:
         units: positive int, the number of classes C.
         target_margin: a `keras_lsoftmax.margins.TargetMargin`, the φ of
@@ -138,18 +148,26 @@ class MarginDense(keras.layers.Layer):
             Dense shape (input_dim, rows); its result is stored transposed.
         kernel_regularizer: regularizer for the kernel (rows, input_dim).
         kernel_constraint: constraint for the kernel (rows, input_dim).
+        sample_rate: float in (0, 1], the Partial-FC sample rate r
+            (default 1: every class, no sampling).
+        seed: optional int, the seed of the layer's
+            `keras.random.SeedGenerator` for the sampled negatives (with
+            None, drawn from Keras's global seed, which
+            `keras.utils.set_random_seed` sets). Used when
+            `sample_rate` < 1.
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`,
             `trainable`, ...).
 
     Call arguments:
         inputs: float tensor (B, D), the features.
         labels: optional labels for the margin, sparse (B,) or (B, 1)
-            integers, or one-hot (B, units).
+            integers, or one-hot (B, units) (not with `sample_rate` < 1).
         training: bool. The margin applies only when True and labels are
             known.
 
     Returns:
-        Logits of shape (B, units).
+        Logits of shape (B, units); (B, S) in training with labels and
+        `sample_rate` < 1.
 
     Example:
 
@@ -178,9 +196,19 @@ class MarginDense(keras.layers.Layer):
         kernel_initializer: Any = "glorot_uniform",
         kernel_regularizer: Any = None,
         kernel_constraint: Any = None,
+        sample_rate: float = 1.0,
+        seed: int | None = None,
         **kwargs: Any,
     ):
         _check_positive_int(units, "units")
+        sample_rate = check_sample_rate(sample_rate)
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int)
+        ):
+            raise ValueError(
+                "Received an invalid value for `seed`, expected an int or "
+                f"None. Received: seed={seed!r}"
+            )
         if isinstance(target_margin, dict):
             target_margin = keras.saving.deserialize_keras_object(target_margin)
         if not isinstance(target_margin, TargetMargin):
@@ -214,6 +242,13 @@ class MarginDense(keras.layers.Layer):
         self.scale = scale
         self.normalize_weights = normalize_weights
         self.sub_centers = sub_centers
+        self.sample_rate = sample_rate
+        self.seed = seed
+        # Only a sampling head has the generator (a variable of its own),
+        # so the variables of a head with sample_rate=1 are unchanged.
+        self.seed_generator = (
+            keras.random.SeedGenerator(seed) if sample_rate < 1 else None
+        )
         self.initial_lambda = schedule if isinstance(schedule, float) else 0.0
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -285,7 +320,6 @@ class MarginDense(keras.layers.Layer):
     def call(
         self, inputs: Any, labels: Any = None, training: bool | None = None
     ) -> Any:
-        inputs, kernel = self._operands(inputs)
         scope = current_label_scope()
         if scope is not None and not (training or scope.inference_labels):
             # Inference needs no labels, and may run on another batch than
@@ -306,9 +340,24 @@ class MarginDense(keras.layers.Layer):
             )
         # Outside training only a label_scope wants the per-sample records.
         if labels is None or (not training and scope is None):
+            inputs, kernel = self._operands(inputs, self.kernel)
             return self._per_class(ops.plain_logits(inputs, kernel))
-        labels, valid = self._sparse_labels(labels, ignore_class)
+        sampling = bool(training) and self.sample_rate < 1
+        labels, valid = self._sparse_labels(labels, ignore_class, sampling)
         labels = ops.check_labels(labels, self.units, inputs)
+        kernel, sampled = self.kernel, None
+        if sampling:
+            sampled = sample_classes(
+                labels,
+                self.units,
+                self.sample_rate,
+                self.seed_generator,
+                self.sub_centers,
+            )
+            # Only the kept rows enter the step, so only they get a gradient.
+            kernel = keras.ops.take(kernel, sampled.rows, axis=0)
+            labels = sampled.labels
+        inputs, kernel = self._operands(inputs, kernel)
         if training:
             margin, lam = self.target_margin, self._training_lambda(scope)
         else:
@@ -328,18 +377,19 @@ class MarginDense(keras.layers.Layer):
                     cos,
                     valid,
                     keras.ops.convert_to_tensor(lam),
+                    *_sampled_targets(sampled, labels, valid, ignore_class),
                 )
             )
         return outputs
 
-    def _operands(self, inputs: Any) -> tuple[Any, Any]:
-        """The features and class weights the op multiplies.
+    def _operands(self, inputs: Any, kernel: Any) -> tuple[Any, Any]:
+        """The features and class weights (rows of `kernel`) the op multiplies.
 
         Normalised (and the features scaled) as the head's formula says,
         in the op's compute dtype, so that the norms are exact under a
         mixed-precision policy too.
         """
-        kernel = keras.ops.convert_to_tensor(self.kernel)
+        kernel = keras.ops.convert_to_tensor(kernel)
         if self.scale is None and not self.normalize_weights:
             return inputs, kernel
         dtype = ops.compute_dtype(inputs.dtype, kernel.dtype)
@@ -362,7 +412,7 @@ class MarginDense(keras.layers.Layer):
             return labels
         k = self.sub_centers
         centres = keras.ops.reshape(
-            keras.ops.stop_gradient(kernel), (self.units, k, -1)
+            keras.ops.stop_gradient(kernel), (-1, k, kernel.shape[-1])
         )
         logits = keras.ops.einsum(
             "bd,bkd->bk",
@@ -375,20 +425,23 @@ class MarginDense(keras.layers.Layer):
     def _per_class(
         self, logits: Any, labels: Any = None, rows: Any = None
     ) -> Any:
-        """Logits (B, units) from the logits of every kernel row.
+        """Logits per class from the logits of every kernel row.
 
         With K sub-centres, each class takes its largest sub-centre logit,
         except the labelled class, which takes the (margin) logit of the
-        sub-centre in `rows`.
+        sub-centre in `rows`. The classes are those of the kernel rows the
+        op saw: all of them, or the kept ones of a sampling step.
         """
         if self.sub_centers == 1:
             return logits
-        grouped = keras.ops.reshape(logits, (-1, self.units, self.sub_centers))
+        classes = keras.ops.shape(logits)[1] // self.sub_centers
+        grouped = keras.ops.reshape(logits, (-1, classes, self.sub_centers))
         best = keras.ops.max(grouped, axis=-1)
         if labels is None:
             return best
         target = keras.ops.take_along_axis(logits, rows[:, None], axis=1)
-        is_label = keras.ops.one_hot(labels, self.units, dtype="bool")
+        ids = keras.ops.arange(classes, dtype=labels.dtype)
+        is_label = keras.ops.equal(ids[None, :], labels[:, None])
         return keras.ops.where(is_label, target, best)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -532,13 +585,22 @@ class MarginDense(keras.layers.Layer):
         return None if isinstance(own, float) else own
 
     def _sparse_labels(
-        self, labels: Any, ignore_class: int | None
+        self, labels: Any, ignore_class: int | None, sampling: bool = False
     ) -> tuple[Any, Any]:
         """Sparse labels (B,) and, given `ignore_class`, the valid-row mask."""
         labels = keras.ops.convert_to_tensor(labels)
         shape = tuple(labels.shape)
         if len(shape) == 2 and shape[-1] == 1:
             labels = keras.ops.squeeze(labels, axis=-1)
+        elif len(shape) == 2 and shape[-1] == self.units and sampling:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' samples classes "
+                f"(sample_rate={self.sample_rate}), so its training outputs "
+                "cover only the kept classes and one-hot labels over all "
+                f"{self.units} classes cannot go with them. Received: labels "
+                f"with shape {shape}. Train with sparse class ids (B,) and "
+                "keras.losses.SparseCategoricalCrossentropy."
+            )
         elif len(shape) == 2 and shape[-1] == self.units:
             labels = keras.ops.cast(keras.ops.argmax(labels, axis=-1), "int32")
         elif len(shape) != 1:
@@ -584,6 +646,8 @@ class MarginDense(keras.layers.Layer):
             "kernel_constraint": keras.constraints.serialize(
                 self.kernel_constraint
             ),
+            "sample_rate": self.sample_rate,
+            "seed": self.seed,
         }
         return {**super().get_config(), **config}
 
@@ -644,8 +708,10 @@ class LSoftmaxDense(MarginDense):
         lambda_schedule: `"auto"` (default), a float ≥ 0 for a constant λ,
             or a `keras_lsoftmax.schedules.LambdaSchedule` (see
             `keras_lsoftmax.MarginDense`). Ignored when `margin=1`.
-        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`,
-            `trainable`, ...).
+        **kwargs: `sample_rate` and `seed` (Partial-FC class sampling, as
+            for `keras_lsoftmax.MarginDense`) and the other
+            `keras.layers.Layer` arguments (`name`, `dtype`, `trainable`,
+            ...).
 
     Call arguments:
         inputs: float tensor (B, D), the features.
@@ -705,6 +771,19 @@ class LSoftmaxDense(MarginDense):
             "margin": self.margin,
             "normalize_weights": self.normalize_weights,
         }
+
+
+def _sampled_targets(
+    sampled: Any, labels: Any, valid: Any, ignore_class: int | None
+) -> tuple[Any, Any]:
+    """The `classes` and `targets` of a `HeadRecord` (None, None unsampled)."""
+    if sampled is None:
+        return None, None
+    if valid is None:
+        return sampled.classes, labels
+    # The loss's ignore_class must still see its ignored rows.
+    ignored = keras.ops.full_like(labels, ignore_class)
+    return sampled.classes, keras.ops.where(valid > 0, labels, ignored)
 
 
 def _check_positive_int(value: Any, name: str) -> int:

@@ -69,6 +69,46 @@ def plain_predictions(y_pred: Any, records: list) -> Any:
     return keras.tree.pack_sequence_as(y_pred, leaves)
 
 
+def sampled_targets(y: Any, y_pred: Any, records: list) -> Any:
+    """`y` with the labels of each class-sampling head's output replaced.
+
+    A head with `sample_rate` < 1 returns logits over the S classes it kept
+    in this step; the loss and the training metrics of its output then take
+    the labels' positions among those classes (`HeadRecord.targets`). `y`
+    is returned as it is when no head sampled.
+    """
+    sampled = [record for record in records if record.targets is not None]
+    if not sampled:
+        return y
+    outputs = keras.tree.flatten(y_pred)
+    nested = keras.tree.is_nested(y)
+    leaves = keras.tree.flatten(y) if nested else [y]
+    if len(leaves) != len(outputs) or (
+        nested and isinstance(y, dict) != isinstance(y_pred, dict)
+    ):
+        raise ValueError(
+            "A head with sample_rate < 1 needs `y` to hold one label tensor "
+            "per model output, in the structure of the outputs, so that its "
+            f"output's labels can be replaced. Received {len(leaves)} label "
+            f"tensors for {len(outputs)} outputs."
+        )
+    for record in sampled:
+        position = next(
+            (i for i, leaf in enumerate(outputs) if leaf is record.outputs),
+            None,
+        )
+        if position is None:
+            raise ValueError(
+                f"{type(record.layer).__name__} '{record.layer.name}' "
+                f"samples classes (sample_rate={record.layer.sample_rate}), "
+                "so its training logits cover only the kept classes; its "
+                "output must be a model output, whose loss then takes the "
+                "labels' positions among them."
+            )
+        leaves[position] = record.targets
+    return keras.tree.pack_sequence_as(y, leaves) if nested else leaves[0]
+
+
 def margin_values(model: keras.Model, records: list) -> tuple | None:
     """(λ of the first head, θ in degrees per sample, θ weights), or None.
 

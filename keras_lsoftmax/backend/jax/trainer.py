@@ -21,6 +21,7 @@ from keras_lsoftmax.margin_step import check_targets
 from keras_lsoftmax.margin_step import margin_values
 from keras_lsoftmax.margin_step import optimizer_step
 from keras_lsoftmax.margin_step import plain_predictions
+from keras_lsoftmax.margin_step import sampled_targets
 from keras_lsoftmax.margin_step import update_metrics
 
 
@@ -44,7 +45,7 @@ class JaxMarginTrainer:
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, aux), grads = grad_fn(trainable)
-        loss, y_pred, margin, non_trainable, metrics_vars = aux
+        loss, y_pred, margin, non_trainable, metrics_vars, y = aux
         trainable, optimizer_vars = self.optimizer.stateless_apply(
             optimizer_vars, grads, trainable
         )
@@ -65,7 +66,7 @@ class JaxMarginTrainer:
             sample_weight,
             training=False,
         )
-        loss, y_pred, margin, non_trainable, metrics_vars = aux
+        loss, y_pred, margin, non_trainable, metrics_vars, y = aux
         logs, metrics_vars = _stateless_metrics(
             self, metrics_vars, x, y, y_pred, sample_weight, loss, margin
         )
@@ -83,7 +84,7 @@ def _forward(
     """The (scaled) loss and, as auxiliary output, what the step reports.
 
     Returns `(scaled_loss, (loss, plain predictions, margin values, new
-    non-trainable values, new metrics values))`.
+    non-trainable values, new metrics values, the labels the loss took))`.
     """
     trainable, non_trainable, metrics_vars, optimizer_vars = state
     groups = [
@@ -98,6 +99,7 @@ def _forward(
         step = None if optimizer_vars is None else optimizer_step(model)
         with model_label_scope(model, x, y, step) as labels:
             y_pred = model(x, training=training)
+        y = sampled_targets(y, y_pred, labels.records)
         loss = model.compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
@@ -108,6 +110,7 @@ def _forward(
         margin_values(model, labels.records),
         _values(scope, model.non_trainable_variables),
         _values(scope, model.metrics_variables),
+        y,
     )
     return scaled_loss, aux
 

@@ -12,6 +12,7 @@ from keras_lsoftmax.margin_step import check_targets
 from keras_lsoftmax.margin_step import margin_values
 from keras_lsoftmax.margin_step import optimizer_step
 from keras_lsoftmax.margin_step import plain_predictions
+from keras_lsoftmax.margin_step import sampled_targets
 from keras_lsoftmax.margin_step import update_metrics
 
 
@@ -25,6 +26,7 @@ class TensorFlowMarginTrainer(LocalBatchBuild):
         with tf.GradientTape() as tape:
             with scope:
                 y_pred = self(x, training=True)
+            y = sampled_targets(y, y_pred, scope.records)
             loss = self.compute_loss(
                 x=x,
                 y=y,

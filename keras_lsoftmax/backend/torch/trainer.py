@@ -12,6 +12,7 @@ from keras_lsoftmax.margin_step import check_targets
 from keras_lsoftmax.margin_step import margin_values
 from keras_lsoftmax.margin_step import optimizer_step
 from keras_lsoftmax.margin_step import plain_predictions
+from keras_lsoftmax.margin_step import sampled_targets
 from keras_lsoftmax.margin_step import update_metrics
 
 
@@ -24,6 +25,7 @@ class TorchMarginTrainer:
         scope = model_label_scope(self, x, y, optimizer_step(self))
         with scope:
             y_pred = self(x, training=True)
+        y = sampled_targets(y, y_pred, scope.records)
         self.zero_grad()
         loss = self.compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True

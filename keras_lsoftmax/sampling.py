@@ -1,0 +1,110 @@
+"""Partial-FC class sampling: the classes a training step computes logits for.
+
+With `sample_rate=r < 1`, a head's training step keeps every class labelled
+in the batch plus random negatives, S classes in all, and computes its
+logits, its margin and the loss over those S classes only, as insightface's
+Partial FC (`partial_fc_v2.py`) does on one device. The draw follows
+Partial FC: every class gets a uniform random score, the labelled classes a
+score of 2, and the S classes with the highest scores are kept, so the
+negatives are a uniform sample without replacement of the unlabelled
+classes.
+
+S is `min(C, max(int(r·C), B))` for C classes and a batch of B rows: at
+least B, so that every labelled class fits (Partial FC keeps all of them
+too, and then has more than r·C classes when a batch holds more distinct
+labels than that).
+"""
+
+import dataclasses
+from typing import Any
+
+import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledClasses:
+    """The classes one training step of a sampling head kept.
+
+    Attributes:
+        classes: int32 (S,), the kept class ids, in increasing order.
+        rows: int32 (S·K,), their kernel rows (K sub-centres per class,
+            class by class).
+        labels: int32 (B,), each label's position in `classes`: the labels
+            of the (B, S) logits.
+    """
+
+    classes: Any
+    rows: Any
+    labels: Any
+
+
+def check_sample_rate(value: Any) -> float:
+    """`value` as a float in (0, 1], or a `ValueError` naming it."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if 0.0 < value <= 1.0:
+            return float(value)
+    raise ValueError(
+        "Received an invalid value for `sample_rate`, expected a float in "
+        f"(0, 1]. Received: sample_rate={value!r}"
+    )
+
+
+def num_sampled(num_classes: int, rate: float, batch_size: Any) -> Any:
+    """S = min(C, max(int(r·C), B)): a Python int when B is known.
+
+    Under TensorFlow's `fit` the batch size is unknown while tracing; S is
+    then a scalar tensor, which XLA resolves when it compiles the step for
+    a concrete batch.
+    """
+    wanted = int(rate * num_classes)
+    if isinstance(batch_size, int):
+        return min(num_classes, max(wanted, batch_size))
+    return keras.ops.minimum(num_classes, keras.ops.maximum(wanted, batch_size))
+
+
+def sample_classes(
+    labels: Any,
+    num_classes: int,
+    rate: float,
+    seed: keras.random.SeedGenerator,
+    sub_centers: int = 1,
+) -> SampledClasses:
+    """Keeps the labelled classes plus random negatives, S in all.
+
+    Builds no (B, C) tensor: the scores and the map from class id to kept
+    position are (C,).
+
+    Args:
+        labels: int32 (B,), class ids in [0, num_classes).
+        num_classes: C.
+        rate: the sample rate r in (0, 1].
+        seed: the `keras.random.SeedGenerator` the negatives are drawn from.
+        sub_centers: K, the kernel rows per class.
+
+    Returns:
+        A `SampledClasses`.
+    """
+    kept = num_sampled(num_classes, rate, keras.ops.shape(labels)[0])
+    scores = keras.random.uniform((num_classes,), seed=seed)
+    # Labelled classes score 2 > any uniform draw, so top_k keeps them all;
+    # a label repeated in the batch writes the same value twice.
+    scores = keras.ops.scatter_update(
+        scores,
+        labels[:, None],
+        keras.ops.full(keras.ops.shape(labels), 2.0, dtype=scores.dtype),
+    )
+    _, classes = keras.ops.top_k(scores, kept)
+    classes = keras.ops.sort(keras.ops.cast(classes, "int32"))
+    positions = keras.ops.scatter(
+        classes[:, None],
+        keras.ops.arange(keras.ops.shape(classes)[0], dtype="int32"),
+        (num_classes,),
+    )
+    labels = keras.ops.take(positions, labels, axis=0)
+    rows = classes
+    if sub_centers > 1:
+        offsets = keras.ops.arange(sub_centers, dtype="int32")
+        rows = keras.ops.reshape(
+            classes[:, None] * sub_centers + offsets[None, :], (-1,)
+        )
+    return SampledClasses(classes, rows, labels)
