@@ -39,6 +39,40 @@ _HEAD = (
     "`keras.layers.Dense(C, use_bias=False)`, `LSoftmaxDense(C, margin=4)`"
 )
 
+_FAMILY_NOTES = {
+    "tensorflow": [
+        "The heads that normalise the class weights do not make a "
+        "normalised copy of the (C, D) kernel: the op multiplies the "
+        "stored kernel and the logits' columns are scaled by 1/‖w_j‖ "
+        "(B·C products); the gradient of the norms is one product with "
+        "the kernel. Autodiff through a normalised kernel made several "
+        "(C, D) temporaries: 1.7–1.8 times Dense's peak memory without "
+        "XLA, 1.25 with it.",
+        "These runs shared the 2-core machine with other work (a Dense "
+        "step took 4–5 times as long as in the sections above, with IQRs "
+        "of 20–60 % of a step), so a ratio moves by ±0.1 between runs; "
+        "the peak memory is a child process's resident set and moves by "
+        "up to 20 MiB (one (C, D) buffer) between runs.",
+        "Without XLA the step keeps one (C, D) temporary more than "
+        "Dense's, the kernel times the norms' gradient, added to the "
+        "kernel gradient: TensorFlow has no fused kernel for it. Under "
+        "XLA it fuses.",
+    ],
+    "jax": [
+        "Compiled (`jax.jit`, Keras's default on JAX), every head's peak "
+        "memory is below Dense's. Op by op, JAX keeps the (C, D) and (B, "
+        "C) temporaries of each operation, as for `LSoftmaxDense` above.",
+    ],
+    "torch": [
+        "On PyTorch the heads are above 1.10 times Dense and above Dense's "
+        "peak memory plus 10 %: 1.35–1.68 times the time, about 1.5 times "
+        "the peak eager and 4 times compiled, where Dense's compiled step "
+        "needs under 10 MiB beyond its variables (the family's needs "
+        "about 1.5 (C, D) buffers more). Not yet explained; this run's "
+        "IQRs are as large as its medians.",
+    ],
+}
+
 # One section per JSON file, in the page's order: "file", "title",
 # "measures" (what the script times), "command", "notes" (what the table
 # shows) and, for a file that records no machine, "machine".
@@ -211,7 +245,7 @@ SECTIONS: list[dict[str, Any]] = [
             "--classes 10000 --variants dense sphereface cosface arcface "
             "arcface_sc3 --repeats 15 "
             f"--out docs/benchmarks/bench_family_{backend}.json",
-            "notes": [],
+            "notes": _FAMILY_NOTES[backend],
         }
         for backend, name in BACKEND_NAMES.items()
     ),
