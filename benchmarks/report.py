@@ -68,8 +68,10 @@ _FAMILY_NOTES = {
         "peak memory plus 10 %: 1.35–1.68 times the time, about 1.5 times "
         "the peak eager and 4 times compiled, where Dense's compiled step "
         "needs under 10 MiB beyond its variables (the family's needs "
-        "about 1.5 (C, D) buffers more). Not yet explained; this run's "
-        "IQRs are as large as its medians.",
+        "about 1.5 (C, D) buffers more). Eager, a CosFace step needs "
+        "about one (B, C) buffer (9.8 MiB) more than an `LSoftmaxDense` "
+        "step: the op's logits before the column scaling, kept for its "
+        "gradient. This run's IQRs are as large as its medians.",
     ],
 }
 
