@@ -50,11 +50,18 @@ elif BACKEND == "torch":
     # without a word; make that an error, which reports the row unavailable.
     torch._dynamo.config.fail_on_recompile_limit_hit = True
 
-# The heads of each backend; `dense` is the baseline of the ratios.
-VARIANTS = {
+# The large-margin family, on every backend: name -> sub-centres K.
+FAMILY = {"sphereface": 1, "cosface": 1, "arcface": 1, "arcface_sc3": 3}
+# The heads timed by default on each backend; `dense` is the baseline of
+# the ratios.
+DEFAULT_VARIANTS = {
     "tensorflow": ("dense", "lsoftmax", "autodiff"),
     "jax": ("dense", "lsoftmax"),
     "torch": ("dense", "lsoftmax"),
+}
+# Every head of each backend: the defaults and the family.
+VARIANTS = {
+    backend: (*names, *FAMILY) for backend, names in DEFAULT_VARIANTS.items()
 }
 # At most this many characters of an error say why a step is unavailable.
 _REASON_CHARS = 500
@@ -125,7 +132,41 @@ def build_head(
         return AutodiffLSoftmaxDense(
             num_classes, margin=margin, initial_lambda=lam, name="autodiff"
         )
+    # The family at its papers' margins and scale, λ fixed (no annealing).
+    if name == "sphereface":
+        return keras_lsoftmax.SphereFaceDense(
+            num_classes, margin=margin, lambda_schedule=lam, name=name
+        )
+    if name == "cosface":
+        return keras_lsoftmax.CosFaceDense(
+            num_classes, lambda_schedule=lam, name=name
+        )
+    if name in FAMILY:
+        return keras_lsoftmax.ArcFaceDense(
+            num_classes, sub_centers=FAMILY[name], lambda_schedule=lam,
+            name=name,
+        )
     raise ValueError(f"unknown variant {name!r} on the {BACKEND} backend")
+
+
+def _kernel_of(name: str, kernel0: np.ndarray) -> np.ndarray:
+    """The kernel of head `name` from the (D, C) Dense kernel `kernel0`.
+
+    Identical weights for all heads: the margin heads store one row per
+    class, (C, D); with K sub-centres, row y·K + k is class y's row plus a
+    small seeded perturbation, so that the closest sub-centre varies.
+    """
+    if name in ("dense", "autodiff"):
+        return kernel0
+    rows = kernel0.T
+    sub_centers = FAMILY.get(name, 1)
+    if sub_centers == 1:
+        return rows
+    rng = np.random.default_rng(sub_centers)
+    rows = np.repeat(rows, sub_centers, axis=0)
+    return rows + 0.1 * np.abs(rows).mean() * rng.standard_normal(
+        rows.shape
+    ).astype(rows.dtype)
 
 
 class Variant:
@@ -143,8 +184,8 @@ class Variant:
         kernel0: the kernel in the (D, C) layout of a Dense kernel.
         features: "trained" (x a trainable variable, gradients w.r.t.
             x and the kernel) or "frozen" (x a constant, kernel only).
-        margin: the margin m of the L-Softmax heads.
-        lam: λ of the L-Softmax heads.
+        margin: the margin m of the L-Softmax and SphereFace heads.
+        lam: λ of the margin heads.
     """
 
     def __init__(
@@ -155,9 +196,7 @@ class Variant:
         self.features = features
         self.head = build_head(name, num_classes, margin, lam)
         self.head.build(x0.shape)
-        # Identical weights for all heads. LSoftmaxDense stores one row per
-        # class, (C, D).
-        self.head.kernel.assign(kernel0.T if name == "lsoftmax" else kernel0)
+        self.head.kernel.assign(_kernel_of(name, kernel0))
         if features == "trained":
             self.x = keras.Variable(x0, trainable=True, name="features")
             self.variables = [self.x, self.head.kernel]

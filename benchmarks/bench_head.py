@@ -8,6 +8,8 @@ Usage (from the repository root):
     python benchmarks/bench_head.py --features trained frozen --classes 10000
     python benchmarks/bench_head.py --backend jax --out bench_head_jax.json
     python benchmarks/bench_head.py --backend torch --out bench_head_torch.json
+    python benchmarks/bench_head.py --classes 10000 --variants dense \
+        sphereface cosface arcface arcface_sc3
     python benchmarks/bench_head.py --smoke  # a tiny run; its times mean nothing
 
 Run time of the default run (TensorFlow, C = 10, 1000, 10000, 100000, three
@@ -41,6 +43,18 @@ Variants (`--variants`, default all three on TensorFlow, `dense` and
 - `autodiff`: `benchmarks.autodiff_reference.AutodiffLSoftmaxDense`, the same
   margin math in plain TF ops differentiated by autodiff (a reference row,
   not shipped in the package). TensorFlow only.
+
+The large-margin family, on every backend, only when named in `--variants`
+(each called with `labels=y, training=True`, λ fixed at `--lam`):
+
+- `sphereface`: `keras_lsoftmax.SphereFaceDense(C, margin=m)`;
+- `cosface`: `keras_lsoftmax.CosFaceDense(C)` (m = 0.35, s = 64);
+- `arcface`: `keras_lsoftmax.ArcFaceDense(C)` (m = 0.5, s = 64);
+- `arcface_sc3`: `keras_lsoftmax.ArcFaceDense(C, sub_centers=3)`, whose
+  kernel has 3·C rows, so its matrix products are three times Dense's.
+
+All heads start from the same class weights (the sub-centres of class y are
+its weights plus a small seeded perturbation).
 
 Every variant runs the same hand-written step, compiled and not unless
 `--no-jit` / `--jit-only` (on TensorFlow, below; the other backends'
@@ -163,7 +177,7 @@ from benchmarks.common import ratio  # noqa: E402
 from benchmarks.common import report  # noqa: E402
 from benchmarks.common import sample_stats  # noqa: E402
 
-ALL_VARIANTS = ("dense", "lsoftmax", "autodiff")
+ALL_VARIANTS = ("dense", "lsoftmax", "autodiff", *backend_steps.FAMILY)
 JIT_MEANING = {
     "tensorflow": "tf.function(jit_compile=True) vs tf.function",
     "jax": "jax.jit of the whole step (state donated) vs no outer jit",
@@ -225,7 +239,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants", nargs="+", choices=ALL_VARIANTS,
         help="heads to time; `dense` is needed for the ratios; `autodiff` "
-        "is TensorFlow only (default: all the backend has)",
+        "is TensorFlow only; sphereface, cosface, arcface and arcface_sc3 "
+        "(3 sub-centres) are the large-margin family (default: dense, "
+        "lsoftmax and, on TensorFlow, autodiff)",
     )
     parser.add_argument(
         "--features", nargs="+", choices=FEATURES, default=["trained"],
@@ -272,7 +288,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.lam < 0:
         parser.error("--lam must be >= 0")
     backend_variants = backend_steps.VARIANTS[args.backend]
-    args.variants = list(dict.fromkeys(args.variants or backend_variants))
+    args.variants = list(dict.fromkeys(
+        args.variants or backend_steps.DEFAULT_VARIANTS[args.backend]
+    ))
     for name in args.variants:
         if name not in backend_variants:
             parser.error(

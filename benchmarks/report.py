@@ -39,6 +39,42 @@ _HEAD = (
     "`keras.layers.Dense(C, use_bias=False)`, `LSoftmaxDense(C, margin=4)`"
 )
 
+_FAMILY_NOTES = {
+    "tensorflow": [
+        "The heads that normalise the class weights do not make a "
+        "normalised copy of the (C, D) kernel: the op multiplies the "
+        "stored kernel and the logits' columns are scaled by 1/‖w_j‖ "
+        "(B·C products); the gradient of the norms is one product with "
+        "the kernel. Autodiff through a normalised kernel made several "
+        "(C, D) temporaries: 1.7–1.8 times Dense's peak memory without "
+        "XLA, 1.25 with it.",
+        "These runs shared the 2-core machine with other work (a Dense "
+        "step took 4–5 times as long as in the sections above, with IQRs "
+        "of 20–60 % of a step), so a ratio moves by ±0.1 between runs; "
+        "the peak memory is a child process's resident set and moves by "
+        "up to 20 MiB (one (C, D) buffer) between runs.",
+        "Without XLA the step keeps one (C, D) temporary more than "
+        "Dense's, the kernel times the norms' gradient, added to the "
+        "kernel gradient: TensorFlow has no fused kernel for it. Under "
+        "XLA it fuses.",
+    ],
+    "jax": [
+        "Compiled (`jax.jit`, Keras's default on JAX), every head's peak "
+        "memory is below Dense's. Op by op, JAX keeps the (C, D) and (B, "
+        "C) temporaries of each operation, as for `LSoftmaxDense` above.",
+    ],
+    "torch": [
+        "On PyTorch the heads are above 1.10 times Dense and above Dense's "
+        "peak memory plus 10 %: 1.35–1.68 times the time, about 1.5 times "
+        "the peak eager and 4 times compiled, where Dense's compiled step "
+        "needs under 10 MiB beyond its variables (the family's needs "
+        "about 1.5 (C, D) buffers more). Eager, a CosFace step needs "
+        "about one (B, C) buffer (9.8 MiB) more than an `LSoftmaxDense` "
+        "step: the op's logits before the column scaling, kept for its "
+        "gradient. This run's IQRs are as large as its medians.",
+    ],
+}
+
 # One section per JSON file, in the page's order: "file", "title",
 # "measures" (what the script times), "command", "notes" (what the table
 # shows) and, for a file that records no machine, "machine".
@@ -190,6 +226,31 @@ SECTIONS: list[dict[str, Any]] = [
             "every step 1.3–1.7 times a Dense step.",
         ],
     },
+    *(
+        {
+            "file": f"bench_family_{backend}.json",
+            "title": f"The large-margin family: {name}",
+            "measures": (
+                "The step of the first section through each head of the "
+                "family, against `Dense(C, use_bias=False)` in the same "
+                "run: `SphereFaceDense(C, margin=4)`, `CosFaceDense(C)` "
+                "(m = 0.35, s = 64), `ArcFaceDense(C)` (m = 0.5, s = 64) and "
+                "`ArcFaceDense(C, sub_centers=3)` (`arcface_sc3`, whose "
+                "kernel has 3·C rows, so three times Dense's matrix "
+                "products), each called with the labels in training; this "
+                "section and the next two, one per backend."
+                if backend == "tensorflow"
+                else "As in the previous section, on "
+                f"{name}{' (CPU build)' if backend == 'torch' else ''}."
+            ),
+            "command": f"python benchmarks/bench_head.py --backend {backend} "
+            "--classes 10000 --variants dense sphereface cosface arcface "
+            "arcface_sc3 --repeats 15 "
+            f"--out docs/benchmarks/bench_family_{backend}.json",
+            "notes": _FAMILY_NOTES[backend],
+        }
+        for backend, name in BACKEND_NAMES.items()
+    ),
     {
         "file": "scheduler_overhead_tensorflow.json",
         "title": "λ schedule inside the step: TensorFlow",
@@ -341,8 +402,22 @@ def _ratio_range(
     return min(ratios), max(ratios)
 
 
+def _family_range(
+    results: dict[str, dict[str, Any]], variants: tuple[str, ...], key: str
+) -> tuple[float, float]:
+    """The smallest and largest `key` ratio of the family rows `variants`,
+    over every backend and compile mode."""
+    ratios = [
+        row[key]
+        for backend in BACKEND_NAMES
+        for row in results[f"bench_family_{backend}.json"]["rows"]
+        if row["variant"] in variants
+    ]
+    return min(ratios), max(ratios)
+
+
 def summary(results: dict[str, dict[str, Any]]) -> list[str]:
-    """The page's three opening lines, computed from `results`."""
+    """The page's opening lines, computed from `results`."""
     backends = [
         "bench_head_tensorflow.json", "bench_head_jax.json",
         "bench_head_torch.json",
@@ -359,8 +434,27 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
         f"Through `fit` / `train_on_batch` it is {fit_low:.2f}–"
         f"{fit_high:.2f} times Dense, and a small MNIST CNN's epoch "
         f"{mnist:.2f} times, all on a 2-core x86-64 CPU.",
+        *family_summary(results),
         "Every table below is written from the JSON files in "
         "`docs/benchmarks/` by `python benchmarks/report.py`.",
+    ]
+
+
+def family_summary(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The opening lines on the large-margin family."""
+    heads = ("sphereface", "cosface", "arcface")
+    low, high = _family_range(results, heads, "ratio_to_dense")
+    mem_low, mem_high = _family_range(results, heads, "peak_ratio_to_dense")
+    sc_low, sc_high = _family_range(
+        results, ("arcface_sc3",), "ratio_to_dense"
+    )
+    return [
+        "A `SphereFaceDense`, `CosFaceDense` or `ArcFaceDense` step at "
+        f"C = 10 000 costs {low:.2f}–{high:.2f} times a Dense step on the "
+        "three backends, compiled or not, with "
+        f"{mem_low:.2f}–{mem_high:.2f} times Dense's peak memory; with 3 "
+        f"sub-centres (three times the classes' weights) ArcFace costs "
+        f"{sc_low:.2f}–{sc_high:.2f} times Dense.",
     ]
 
 

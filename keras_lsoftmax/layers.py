@@ -340,8 +340,10 @@ class MarginDense(keras.layers.Layer):
             )
         # Outside training only a label_scope wants the per-sample records.
         if labels is None or (not training and scope is None):
-            inputs, kernel = self._operands(inputs, self.kernel)
-            return self._per_class(ops.plain_logits(inputs, kernel))
+            inputs, kernel, scales = self._operands(inputs, self.kernel)
+            return self._per_class(
+                _scaled(ops.plain_logits(inputs, kernel), scales)
+            )
         sampling = bool(training) and self.sample_rate < 1
         labels, valid = self._sparse_labels(labels, ignore_class, sampling)
         labels = ops.check_labels(labels, self.units, inputs)
@@ -357,15 +359,22 @@ class MarginDense(keras.layers.Layer):
             # Only the kept rows enter the step, so only they get a gradient.
             kernel = keras.ops.take(kernel, sampled.rows, axis=0)
             labels = sampled.labels
-        inputs, kernel = self._operands(inputs, kernel)
+        inputs, kernel, scales = self._operands(inputs, kernel)
         if training:
             margin, lam = self.target_margin, self._training_lambda(scope)
         else:
             margin, lam = 1, self.lambda_
-        rows = self._target_rows(inputs, kernel, labels)
+        rows = self._target_rows(inputs, kernel, labels, scales)
         outputs, plain_target, cos = ops.margin_logits(
             inputs, kernel, rows, margin, lam, valid
         )
+        if scales is not None:
+            # The op's target logit is ‖x‖‖w_y‖·φ_λ(cos θ): the scale of its
+            # column turns it into ‖x‖·φ_λ(cos θ), as for a unit w_y.
+            outputs = _scaled(outputs, scales)
+            plain_target = plain_target * keras.ops.take(
+                keras.ops.stop_gradient(scales), rows, axis=0
+            )
         outputs = self._per_class(outputs, labels, rows)
         if scope is not None:
             scope.record(
@@ -382,31 +391,37 @@ class MarginDense(keras.layers.Layer):
             )
         return outputs
 
-    def _operands(self, inputs: Any, kernel: Any) -> tuple[Any, Any]:
-        """The features and class weights (rows of `kernel`) the op multiplies.
+    def _operands(self, inputs: Any, kernel: Any) -> tuple[Any, Any, Any]:
+        """The features and class weights (rows of `kernel`) the op
+        multiplies, and the scales of its logits' columns.
 
-        Normalised (and the features scaled) as the head's formula says,
-        in the op's compute dtype, so that the norms are exact under a
+        The features are normalised and scaled as the head's formula says.
+        Normalised class weights are not computed: the logits of w_j are
+        scaled by 1/‖w_j‖ instead (`scales`, (rows,), None when the weights
+        are not normalised), B·C products instead of a normalised copy of
+        the (C, D) kernel and the (C, D) passes of its gradient. All in the
+        op's compute dtype, so that the norms are exact under a
         mixed-precision policy too.
         """
         kernel = keras.ops.convert_to_tensor(kernel)
         if self.scale is None and not self.normalize_weights:
-            return inputs, kernel
+            return inputs, kernel, None
         dtype = ops.compute_dtype(inputs.dtype, kernel.dtype)
         inputs = keras.ops.cast(inputs, dtype)
         kernel = keras.ops.cast(kernel, dtype)
-        if self.normalize_weights:
-            kernel = _unit_rows(kernel)
+        scales = _inverse_norms(kernel) if self.normalize_weights else None
         if self.scale is not None:
             inputs = _unit_rows(inputs) * self.scale
-        return inputs, kernel
+        return inputs, kernel, scales
 
-    def _target_rows(self, inputs: Any, kernel: Any, labels: Any) -> Any:
+    def _target_rows(
+        self, inputs: Any, kernel: Any, labels: Any, scales: Any
+    ) -> Any:
         """The kernel row of each label: its closest sub-centre.
 
         With one centre per class, the labels themselves. With K
         sub-centres, row y·K + k of the sub-centre k of class y whose logit
-        (so whose cosine) is the largest.
+        (so whose cosine) is the largest; `scales` as from `_operands`.
         """
         if self.sub_centers == 1:
             return labels
@@ -419,6 +434,12 @@ class MarginDense(keras.layers.Layer):
             keras.ops.stop_gradient(inputs),
             keras.ops.take(centres, labels, axis=0),
         )
+        if scales is not None:
+            logits = logits * keras.ops.take(
+                keras.ops.reshape(keras.ops.stop_gradient(scales), (-1, k)),
+                labels,
+                axis=0,
+            )
         closest = keras.ops.cast(keras.ops.argmax(logits, axis=-1), "int32")
         return labels * k + closest
 
@@ -858,6 +879,42 @@ def _unit_rows(kernel: Any) -> Any:
     # clip, not maximum: on PyTorch, Keras's type promotion gives float32
     # for two float64 operands, which would round a float64 kernel's norms.
     return kernel * keras.ops.rsqrt(keras.ops.clip(squares, 1e-12, math.inf))
+
+
+def _scaled(logits: Any, scales: Any) -> Any:
+    """`logits` (B, rows) with column j times `scales[j]`; as is for None."""
+    return logits if scales is None else logits * scales[None, :]
+
+
+_MIN_SQUARED_NORM = 1e-12
+
+
+@keras.ops.custom_gradient
+def _inverse_norms(kernel: Any) -> Any:
+    """1/‖w_j‖ of every row of `kernel` (zero rows: 1e6, as `_unit_rows`).
+
+    The gradient, −w_j/‖w_j‖³ times the upstream, is one product with the
+    kernel: autodiff of the squares, their sum and the reciprocal square
+    root would make several (C, D) temporaries.
+    """
+    squares = keras.ops.sum(keras.ops.square(kernel), axis=1)
+    # clip, not maximum: see `_unit_rows`.
+    scales = keras.ops.rsqrt(
+        keras.ops.clip(squares, _MIN_SQUARED_NORM, math.inf)
+    )
+
+    def grad(*args: Any, upstream: Any = None) -> Any:
+        if upstream is None:
+            (upstream,) = args
+        # Zero for clipped rows, as the clip's own gradient.
+        coefficient = keras.ops.where(
+            squares > _MIN_SQUARED_NORM,
+            -upstream * scales * scales * scales,
+            keras.ops.zeros_like(scales),
+        )
+        return coefficient[:, None] * kernel
+
+    return scales, grad
 
 
 def find_margin_heads(root: Any) -> list[MarginDense]:

@@ -147,6 +147,44 @@ def test_bench_head_flags(tmp_path, capsys):
     assert len(_table_rows(capsys.readouterr().out)) == 2
 
 
+def test_bench_head_family_variants(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    family = ["sphereface", "cosface", "arcface", "arcface_sc3"]
+    bench_head.main(
+        [
+            "--classes", "6", "--batch", "8", "--dim", "16",
+            "--repeats", "2", "--warmup", "2", "--inner", "1",
+            "--no-jit", "--memory", "none",
+            "--variants", "dense", *family,
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", *family]
+    for r in rows:
+        assert r["median_ms"] > 0 and math.isfinite(r["final_loss"])
+        assert math.isfinite(r["ratio_to_dense"]) and r["ratio_to_dense"] > 0
+    assert len(_table_rows(capsys.readouterr().out)) == 5
+
+
+def test_family_kernels_start_from_the_dense_weights():
+    kernel0 = np.random.default_rng(0).standard_normal((4, 3))  # (D, C)
+    for name in ("sphereface", "cosface", "arcface"):
+        np.testing.assert_array_equal(
+            backend_steps._kernel_of(name, kernel0), kernel0.T
+        )
+    np.testing.assert_array_equal(
+        backend_steps._kernel_of("dense", kernel0), kernel0
+    )
+    sub_centres = backend_steps._kernel_of("arcface_sc3", kernel0)
+    assert sub_centres.shape == (9, 4)
+    # Rows 3y to 3y + 2 are class y's weights, perturbed by 10 % of the
+    # mean absolute weight at most a few times over.
+    offsets = sub_centres - np.repeat(kernel0.T, 3, axis=0)
+    assert 0 < np.max(np.abs(offsets)) < 0.5 * np.abs(kernel0).mean()
+    assert not np.allclose(sub_centres[0], sub_centres[1])
+
+
 def test_bench_head_frozen_features(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench_head.main(
