@@ -16,6 +16,8 @@ from keras_lsoftmax.margins import AngularMargin
 from keras_lsoftmax.margins import TargetMargin
 from keras_lsoftmax.margins import check_nonnegative
 from keras_lsoftmax.sampling import check_sample_rate
+from keras_lsoftmax.sampling import check_shards
+from keras_lsoftmax.sampling import kept_rows
 from keras_lsoftmax.sampling import sample_classes
 from keras_lsoftmax.schedules import LambdaSchedule
 from keras_lsoftmax.schedules import auto_schedule
@@ -349,15 +351,18 @@ class MarginDense(keras.layers.Layer):
         labels = ops.check_labels(labels, self.units, inputs)
         kernel, sampled = self.kernel, None
         if sampling:
+            shards = self._row_shards()
+            check_shards(self.units, shards, self.name)
             sampled = sample_classes(
                 labels,
                 self.units,
                 self.sample_rate,
                 self.seed_generator,
                 self.sub_centers,
+                shards,
             )
             # Only the kept rows enter the step, so only they get a gradient.
-            kernel = keras.ops.take(kernel, sampled.rows, axis=0)
+            kernel = kept_rows(kernel, sampled.rows, shards)
             labels = sampled.labels
         inputs, kernel, scales = self._operands(inputs, kernel)
         if training:
@@ -390,6 +395,19 @@ class MarginDense(keras.layers.Layer):
                 )
             )
         return outputs
+
+    def _row_shards(self) -> int:
+        """The devices the current Keras distribution splits the kernel's
+        rows over (1 without one, or with the rows replicated)."""
+        distribution = keras.distribution.distribution()
+        if distribution is None:
+            return 1
+        layout = distribution.get_variable_layout(self.kernel)
+        axis = layout.axes[0] if layout is not None else None
+        if axis is None:
+            return 1
+        mesh = layout.device_mesh
+        return int(mesh.shape[mesh.axis_names.index(axis)])
 
     def _operands(self, inputs: Any, kernel: Any) -> tuple[Any, Any, Any]:
         """The features and class weights (rows of `kernel`) the op

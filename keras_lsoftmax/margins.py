@@ -131,7 +131,10 @@ class ArcMargin(TargetMargin):
 
     Where θ + m > π, cos(θ + m) would rise again with θ; there φ is
     c − m·sin m instead, as in insightface and pytorch-metric-learning, so
-    that φ keeps decreasing with θ.
+    that φ keeps decreasing with θ. That holds for m up to about 2.33
+    (where cos m + m·sin m = 1, so both branches give −1 at θ = π − m),
+    far above the margins in use (0.5 in the ArcFace paper); beyond it the
+    second branch starts above −1, and φ rises by that step at θ = π − m.
 
     Args:
         m: float in [0, π), in radians.

@@ -3,11 +3,18 @@ device, and checks what each device holds.
 
 Run with `KERAS_BACKEND=jax` and
 `XLA_FLAGS=--xla_force_host_platform_device_count=4`, with a path for the
-`.keras` file as the only argument; prints, as JSON, the shapes of the
-kernel's and the optimizer state's shards, the collectives of the compiled
-train step and the shapes they produce, the largest weight and loss
-differences between the two runs, and those between the sharded model and
-its saved copy loaded with and without the distribution.
+`.keras` file and the name of a head of `HEADS` as arguments; prints, as
+JSON, the shapes of the kernel's and the optimizer state's shards, the
+collectives of the compiled train step and the shapes they produce, the
+largest weight and loss differences between the two runs, and those between
+the sharded model and its saved copy loaded with and without the
+distribution.
+
+With `sampled` instead of a head, trains a sharded Partial-FC head
+(`sample_rate=0.1`) for one step, twice from the same seed, and prints the
+kernel rows each device's shard changed, whether the labelled rows are
+among them, the collectives of the compiled step and the difference between
+the two runs.
 """
 
 import json
@@ -41,17 +48,35 @@ def sharded_distribution(devices):
     )
 
 
-def _model():
+HEADS = {
+    "lsoftmax": lambda: keras_lsoftmax.LSoftmaxDense(C, name="head"),
+    "sphereface": lambda: keras_lsoftmax.SphereFaceDense(C, name="head"),
+    "cosface": lambda: keras_lsoftmax.CosFaceDense(C, name="head"),
+    "arcface_2_subcenters": lambda: keras_lsoftmax.ArcFaceDense(
+        C, sub_centers=2, name="head"
+    ),
+}
+
+
+# Classes each shard keeps: max(int(0.1 · C/4), BATCH).
+SAMPLED = {
+    "sampled": lambda: keras_lsoftmax.LSoftmaxDense(
+        C, sample_rate=0.1, seed=3, name="head"
+    ),
+}
+
+
+def _model(head):
     keras.utils.set_random_seed(0)
     model = keras_lsoftmax.Sequential(
         [
             keras.Input((D,)),
             keras.layers.Dense(D, activation="relu"),
-            keras_lsoftmax.LSoftmaxDense(C, margin=4, name="head"),
+            {**HEADS, **SAMPLED}[head](),
         ]
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
+        optimizer=keras.optimizers.Adam(1e-2, epsilon=1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -119,19 +144,52 @@ def _collectives(hlo):
     ]
 
 
+def _hlo_report(hlo, rows):
+    return {
+        "collectives": _collectives(hlo),
+        # Arrays of the whole kernel's shape, of any element type.
+        "full_kernel_arrays": len(re.findall(rf"\[{rows},{D}\]", hlo)),
+        "shard_arrays": len(re.findall(rf"\[{rows // 4},{D}\]", hlo)),
+    }
+
+
+def sampled_report():
+    """One sharded Partial-FC step, twice from the same seed."""
+    keras.distribution.set_distribution(sharded_distribution(jax.devices()))
+    x, y = _data()
+    kernels = []
+    for _ in range(2):
+        model = _model("sampled")
+        initial = np.asarray(model.get_layer("head").kernel)
+        logs = model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, verbose=0)
+        kernels.append(np.asarray(model.get_layer("head").kernel))
+    # Adam moves a row in its first step only if the row has a gradient.
+    changed = np.any(kernels[0] != initial, axis=1)
+    return {
+        "changed_rows_per_shard": changed.reshape(4, -1).sum(axis=1).tolist(),
+        "labelled_rows_changed": bool(np.all(changed[y[:BATCH]])),
+        "loss": float(logs.history["loss"][-1]),
+        "rerun_max_diff": float(np.max(np.abs(kernels[0] - kernels[1]))),
+        **_hlo_report(_compiled_step(model), C),
+    }
+
+
 def main():
-    path = sys.argv[1]
+    path, head = sys.argv[1:3]
     devices = jax.devices()
     assert len(devices) == 4, devices
+    if head in SAMPLED:
+        print(json.dumps(sampled_report()))
+        return
 
     keras.distribution.set_distribution(None)
-    single = _model()
+    single = _model(head)
     initial = np.asarray(single.get_layer("head").kernel)
     single_logs = _fit(single)
     trained = np.asarray(single.get_layer("head").kernel)
 
     keras.distribution.set_distribution(sharded_distribution(devices))
-    sharded = _model()
+    sharded = _model(head)
     sharded_logs = _fit(sharded)
     kernel = sharded.get_layer("head").kernel
     hlo = _compiled_step(sharded)
@@ -152,6 +210,7 @@ def main():
             {
                 "devices": len(devices),
                 "classes": C,
+                "rows": int(kernel.shape[0]),
                 "dim": D,
                 "kernel_path": kernel.path,
                 "kernel_spec": str(kernel.value.sharding.spec),
@@ -162,10 +221,7 @@ def main():
                 "slot_names": [v.path for v in _kernel_slots(sharded)],
                 "slot_shards": [_shard_shapes(v) for v in _kernel_slots(sharded)],
                 "loaded_kernel_shards": _shard_shapes(loaded_kernel),
-                "collectives": _collectives(hlo),
-                # Arrays of the whole kernel's shape, of any element type.
-                "full_kernel_arrays": len(re.findall(rf"\[{C},{D}\]", hlo)),
-                "shard_arrays": len(re.findall(rf"\[{C // 4},{D}\]", hlo)),
+                **_hlo_report(hlo, int(kernel.shape[0])),
                 "max_weight_diff": max_diff(single, sharded),
                 "max_update": float(np.max(np.abs(trained - initial))),
                 "loaded_max_diff": max_diff(sharded, loaded),

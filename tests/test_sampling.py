@@ -19,7 +19,7 @@ from keras_lsoftmax import sampling
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _draw(labels, num_classes, rate, seed=0, sub_centers=1):
+def _draw(labels, num_classes, rate, seed=0, sub_centers=1, shards=1):
     generator = keras.random.SeedGenerator(seed)
     drawn = sampling.sample_classes(
         keras.ops.convert_to_tensor(np.asarray(labels, "int32")),
@@ -27,6 +27,7 @@ def _draw(labels, num_classes, rate, seed=0, sub_centers=1):
         rate,
         generator,
         sub_centers,
+        shards,
     )
     return [
         keras.ops.convert_to_numpy(t)
@@ -63,6 +64,31 @@ def test_at_least_one_class_per_row_is_kept():
     classes, _, mapped = _draw([1, 2, 3, 4], 50, 0.01)
     np.testing.assert_array_equal(classes, [1, 2, 3, 4])
     np.testing.assert_array_equal(mapped, [0, 1, 2, 3])
+
+
+def test_each_shard_keeps_its_labelled_classes_and_its_share():
+    labels = np.array([1, 2, 55, 99])
+    # 4 blocks of 25 classes, each keeps max(int(0.1 · 25), B = 4) = 4.
+    classes, rows, mapped = _draw(labels, 100, 0.1, sub_centers=2, shards=4)
+    np.testing.assert_array_equal(
+        np.bincount(classes // 25, minlength=4), [4, 4, 4, 4]
+    )
+    assert np.all(np.diff(classes) > 0)
+    np.testing.assert_array_equal(classes[mapped], labels)
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(200, 3)).astype("float32")
+    kept = sampling.kept_rows(
+        keras.ops.convert_to_tensor(kernel),
+        keras.ops.convert_to_tensor(rows),
+        shards=4,
+    )
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(kept), kernel[rows])
+
+
+def test_classes_that_do_not_split_over_the_shards_raise():
+    sampling.check_shards(100, 4, "head")
+    with pytest.raises(ValueError, match="multiple of 3.*units=100"):
+        sampling.check_shards(100, 3, "head")
 
 
 def test_the_draw_is_reproducible_from_its_seed_and_varies_with_it():
