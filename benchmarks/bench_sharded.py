@@ -6,6 +6,7 @@ Usage (from the repository root):
 
     python benchmarks/bench_sharded.py --out bench_sharded.json
     python benchmarks/bench_sharded.py --classes 500000 --steps 3
+    python benchmarks/bench_sharded.py --classes 1000000 --sample-rate 0.1
     python benchmarks/bench_sharded.py --smoke  # a tiny run; its times mean nothing
 
 JAX only: the script sets `KERAS_BACKEND=jax` for its own processes. Each
@@ -107,6 +108,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--margin", type=int, default=4, help="margin m")
     parser.add_argument(
+        "--sample-rate", type=float, default=1.0,
+        help="Partial-FC sample rate r of the head (1: every class)",
+    )  # fmt: skip
+    parser.add_argument(
         "--devices", type=int, default=4,
         help="number of emulated host devices N (XLA_FLAGS)",
     )  # fmt: skip
@@ -164,7 +169,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             keras.Input((args.input_dim,)),
             keras.layers.Dense(args.dim, activation="relu", name="features"),
             keras_lsoftmax.LSoftmaxDense(
-                args.classes, margin=args.margin, name="head"
+                args.classes,
+                margin=args.margin,
+                sample_rate=args.sample_rate,
+                name="head",
             ),
         ]
     )
@@ -196,6 +204,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": args.worker,
         "classes": args.classes,
+        "sample_rate": args.sample_rate,
         "devices": len(devices),
         "kernel_shards": [
             list(s.data.shape) for s in kernel.value.addressable_shards
@@ -232,14 +241,15 @@ def run_config(args: argparse.Namespace, argv: list[str], config: str) -> dict:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| C | config | devices | kernel shard | median ms/step | IQR ms "
+        "| C | r | config | devices | kernel shard | median ms/step | IQR ms "
         "| ratio to unsharded | peak MB | peak before the model MB |",
-        "|---:|:---|---:|:---|---:|---:|---:|---:|---:|",
+        "|---:|---:|:---|---:|:---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         shard = "×".join(map(str, r["kernel_shards"][0]))
         lines.append(
-            f"| {r['classes']} | {r['config']} | {r['devices']} "
+            f"| {r['classes']} | {r['sample_rate']:g} | {r['config']} "
+            f"| {r['devices']} "
             f"| {len(r['kernel_shards'])} × ({shard}) "
             f"| {r['median_ms']:.0f} | {r['iqr_ms']:.0f} "
             f"| {fmt(r['ratio_to_unsharded'], '.2f')} "
@@ -266,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = {
         "classes": args.classes, "dim": args.dim, "batch": args.batch,
         "input_dim": args.input_dim, "margin": args.margin,
+        "sample_rate": args.sample_rate,
         "devices": args.devices, "configs": args.configs,
         "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
         "seed": args.seed, "smoke": args.smoke, **environment(),

@@ -497,7 +497,8 @@ _RUN_FLAGS = ["--seed", "--out", "--smoke"]
         (bench_mnist, ["--data", "--limit", "--epochs", "--batch-size",
                        *_RUN_FLAGS]),
         (bench_sharded, ["--classes", "--dim", "--batch", "--input-dim",
-                         "--margin", "--devices", "--configs", "--steps",
+                         "--margin", "--sample-rate", "--devices",
+                         "--configs", "--steps",
                          "--repeats", "--warmup", *_RUN_FLAGS]),
     ],
 )
@@ -615,6 +616,21 @@ def test_bench_sharded_smoke(tmp_path, capsys):
     assert [line.split(" ")[:3] for line in _progress_lines(captured.err)] == [
         ["[1/2]", "sharded", "C=4000:"], ["[2/2]", "unsharded", "C=4000:"]
     ]
+
+
+@pytest.mark.jax
+def test_bench_sharded_smoke_with_sampling(tmp_path):
+    out = tmp_path / "smoke.json"
+    bench_sharded.main(
+        ["--smoke", "--sample-rate", "0.1", "--configs", "sharded",
+         "--out", str(out)]
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert data["config"]["sample_rate"] == row["sample_rate"] == 0.1
+    assert row["kernel_shards"] == [[1000, 32]] * 4
+    assert row["median_ms"] > 0 and math.isfinite(row["final_loss"])
+    assert row["ratio_to_unsharded"] is None
 
 
 def test_bench_mnist_smoke_needs_no_download(tmp_path, capsys):
