@@ -90,8 +90,8 @@ def test_features_2d_smoke(mnist_npz, tmp_path):
     assert "m=4 · epoch 1/1 · " in stdout and "0 s in all" in stdout
 
 
-# The examples are TensorFlow scripts (tf.data, tf.distribute): smoke-run
-# once, from the default run.
+# Trains six models: in `-m slow`; the smoke test above runs the script.
+@pytest.mark.slow
 @pytest.mark.tensorflow
 def test_features_2d_jobs_train_the_same_models(mnist_npz, tmp_path):
     results = {}
