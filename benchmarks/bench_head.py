@@ -173,8 +173,11 @@ from benchmarks.common import device_scope  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
 from benchmarks.common import parse_smoke  # noqa: E402
+from benchmarks.common import proc_status_bytes  # noqa: E402
 from benchmarks.common import ratio  # noqa: E402
 from benchmarks.common import report  # noqa: E402
+from benchmarks.common import reset_rss_peak  # noqa: E402
+from benchmarks.common import rss_probe_available  # noqa: E402
 from benchmarks.common import sample_stats  # noqa: E402
 
 ALL_VARIANTS = ("dense", "lsoftmax", "autodiff", *backend_steps.FAMILY)
@@ -418,29 +421,6 @@ _RSS_ENV = {
 }
 
 
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_rss_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to VmRSS (Linux >= 4.0)
-
-
-def rss_probe_available() -> bool:
-    try:
-        _reset_rss_peak()
-        _proc_status_bytes("VmHWM")
-        _proc_status_bytes("VmRSS")
-    except (OSError, RuntimeError, ValueError):
-        return False
-    return True
-
-
 def probe_memory(
     variants: dict[tuple[str, str], Variant], modes: list[bool],
     args: argparse.Namespace, method: str,
@@ -465,10 +445,10 @@ def probe_memory(
                             args.device, lambda: variant.sync(step())
                         )
                     else:
-                        before = _proc_status_bytes("VmRSS")
-                        _reset_rss_peak()
+                        before = proc_status_bytes("VmRSS")
+                        reset_rss_peak()
                         variant.sync(step())
-                        extra = _proc_status_bytes("VmHWM") - before
+                        extra = proc_status_bytes("VmHWM") - before
                     peak = max(peak, extra)
                 peaks[(*key, jit)] = int(peak)
     return peaks

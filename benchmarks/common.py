@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the help formatter, the backend, problem
-and timing arguments, the device scope, the progress lines, the statistics
-of timing samples, and the recording and formatting of their results.
+and timing arguments, the device scope, the progress lines, the peak
+resident memory, the statistics of timing samples, and the recording and
+formatting of their results.
 
 Import it only after the backend is chosen (`benchmarks.backend_choice`): it
 imports Keras.
@@ -172,6 +173,32 @@ class Progress:
             file=sys.stderr,
             flush=True,
         )
+
+
+def proc_status_bytes(key: str) -> int:
+    """The bytes of `key` ("VmRSS", "VmHWM", ...) in /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def reset_rss_peak() -> None:
+    """Sets this process's peak resident memory (VmHWM) to its current one."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to VmRSS (Linux >= 4.0)
+
+
+def rss_probe_available() -> bool:
+    """Whether `reset_rss_peak` and `proc_status_bytes` work here (Linux)."""
+    try:
+        reset_rss_peak()
+        proc_status_bytes("VmHWM")
+        proc_status_bytes("VmRSS")
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def sample_stats(samples_ms: list[float]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from benchmarks import backend_steps
 from benchmarks import bench_fit
 from benchmarks import bench_head
 from benchmarks import bench_mnist
+from benchmarks import bench_partial_fc
 from benchmarks import bench_sharded
 from benchmarks import report
 from benchmarks.backend_choice import select_backend
@@ -500,6 +501,12 @@ _RUN_FLAGS = ["--seed", "--out", "--smoke"]
                          "--margin", "--sample-rate", "--devices",
                          "--configs", "--steps",
                          "--repeats", "--warmup", *_RUN_FLAGS]),
+        (bench_partial_fc, ["--backend", "--classes", "--dim", "--batch",
+                            "--input-dim", "--heads", "--sample-rates",
+                            "--margin", "--steps", "--repeats", "--warmup",
+                            "--accuracy", "--train-per-class",
+                            "--test-per-class", "--noise", "--epochs",
+                            "--optimizer", "--learning-rate", *_RUN_FLAGS]),
     ],
 )
 def test_help_states_every_default(capsys, script, flags):
@@ -631,6 +638,75 @@ def test_bench_sharded_smoke_with_sampling(tmp_path):
     assert row["kernel_shards"] == [[1000, 32]] * 4
     assert row["median_ms"] > 0 and math.isfinite(row["final_loss"])
     assert row["ratio_to_unsharded"] is None
+
+
+# Each configuration runs in a process of its own, on the suite's backend.
+def test_bench_partial_fc_smoke(tmp_path, capsys):
+    out = tmp_path / "smoke.json"
+    results = bench_partial_fc.main(["--smoke", "--out", str(out)])
+    captured = capsys.readouterr()
+    data = json.loads(out.read_text())
+    assert data["rows"] == json.loads(json.dumps(results["rows"]))
+    config = data["config"]
+    assert config["mode"] == "time" and config["backend"] == keras.backend.backend()
+    assert (config["classes"], config["batch"], config["steps"]) == (200, 32, 2)
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == ["dense", "lsoftmax@0.1"]
+    # S = min(C, max(int(r·C), B)): the batch, not r·C = 20.
+    assert rows["dense"]["kept_classes"] == 200
+    assert rows["lsoftmax@0.1"]["kept_classes"] == 32
+    for r in rows.values():
+        assert len(r["samples_ms"]) == 2 and r["median_ms"] > 0
+        assert r["first_fit_s"] > 0 and math.isfinite(r["final_loss"])
+        assert r["peak_mb"] >= r["peak_after_build_mb"]
+        assert r["peak_after_build_mb"] >= r["peak_before_model_mb"] > 0
+        assert r["peak_above_baseline_mb"] == pytest.approx(
+            r["peak_mb"] - r["peak_before_model_mb"]
+        )
+        assert isinstance(r["fits_peak_above_baseline_mb"], float)  # Linux
+        assert r["ratio_to_dense"] > 0
+        assert len(r["round_ratios_to_dense"]) == 2
+        assert r["median_round_ratio_to_dense"] > 0
+    dense = rows["dense"]
+    assert dense["ratio_to_dense"] == dense["median_round_ratio_to_dense"] == 1.0
+    # A tiny model may not raise the peak of the imports: no ratio then.
+    assert dense["peak_ratio_to_dense"] == (
+        1.0 if dense["peak_above_baseline_mb"] > 0 else None
+    )
+    assert len(_table_rows(captured.out)) == 2
+    assert [line.split(":")[0] for line in _progress_lines(captured.err)] == [
+        "[1/1] built and warmed up 2 processes",
+        "[1/2] round 1, C=200", "[2/2] round 2, C=200",
+    ]
+
+
+def test_bench_partial_fc_accuracy_smoke(tmp_path, capsys):
+    out = tmp_path / "smoke.json"
+    bench_partial_fc.main(["--accuracy", "--smoke", "--out", str(out)])
+    captured = capsys.readouterr()
+    data = json.loads(out.read_text())
+    config = data["config"]
+    assert config["mode"] == "accuracy"
+    assert (config["classes"], config["train_per_class"], config["epochs"]) == (
+        200, 4, 2
+    )
+    rows = data["rows"]
+    assert [(r["head"], r["sample_rate"], r["kept_classes"]) for r in rows] == [
+        ("lsoftmax", 1.0, 200), ("lsoftmax", 0.1, 32),
+        ("cosface", 1.0, 200), ("cosface", 0.1, 32),
+    ]  # fmt: skip
+    for r in rows:
+        assert 0 <= r["test_accuracy"] <= 1 and r["train_s"] > 0
+        assert math.isfinite(r["final_train_loss"])
+    for full, sampled in (rows[:2], rows[2:]):
+        assert full["points_to_r1"] == 0
+        assert sampled["points_to_r1"] == pytest.approx(
+            100 * (sampled["test_accuracy"] - full["test_accuracy"])
+        )
+    # The header, the rule and a line per trained model.
+    assert len(data["markdown"].splitlines()) == 2 + 4
+    assert data["markdown"] in captured.out
+    assert len(_progress_lines(captured.err)) == 4
 
 
 def test_bench_mnist_smoke_needs_no_download(tmp_path, capsys):
