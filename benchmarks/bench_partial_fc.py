@@ -68,7 +68,6 @@ trained model (accuracies), and the table. Nothing here asserts a time.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -98,6 +97,7 @@ from benchmarks.common import check_backend  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
 from benchmarks.common import parse_smoke  # noqa: E402
+from benchmarks.common import peak_rss_mb  # noqa: E402
 from benchmarks.common import proc_status_bytes  # noqa: E402
 from benchmarks.common import ratio  # noqa: E402
 from benchmarks.common import report  # noqa: E402
@@ -303,10 +303,6 @@ def configs(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def _peak_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 def run_worker(args: argparse.Namespace) -> None:
     """One configuration, in this process, timed on the parent's request.
@@ -318,7 +314,7 @@ def run_worker(args: argparse.Namespace) -> None:
     # Keep stdout for the answers: anything else printed goes to stderr.
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    peak_before_model = _peak_mb()
+    peak_before_model = peak_rss_mb()
     model = build_model(args.worker, args)
     rng = np.random.default_rng(args.seed)
     rows = args.batch * max(args.steps, args.warmup)
@@ -332,7 +328,7 @@ def run_worker(args: argparse.Namespace) -> None:
         )  # fmt: skip
         return float(history.history["loss"][-1])
 
-    peak_after_build = _peak_mb()
+    peak_after_build = peak_rss_mb()
     t0 = time.perf_counter()
     loss = fit(args.warmup)
     channel.write(json.dumps({"first_fit_s": time.perf_counter() - t0}) + "\n")
@@ -350,7 +346,7 @@ def run_worker(args: argparse.Namespace) -> None:
         samples.append(1e3 * (time.perf_counter() - t0) / args.steps)
         channel.write(json.dumps({"ms": samples[-1]}) + "\n")
     rate = 1.0 if args.worker == "dense" else float(args.worker.split("@")[1])
-    peak = _peak_mb()
+    peak = peak_rss_mb()
     fits_peak = proc_status_bytes("VmHWM") / 2**20 if probe else None
     channel.write(json.dumps({
         "config": args.worker,

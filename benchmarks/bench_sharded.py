@@ -12,20 +12,24 @@ Usage (from the repository root):
 JAX only: the script sets `KERAS_BACKEND=jax` for its own processes. Each
 configuration (`--configs`, default both) runs in a process of its own, with
 `XLA_FLAGS=--xla_force_host_platform_device_count=--devices` and
-`JAX_PLATFORMS=cpu`, so that the two do not share a peak:
+`JAX_PLATFORMS=cpu`, so that no two share a peak:
 
 - `sharded`: the recipe of `docs/sharding.md`, a `DeviceMesh((1, N),
   ["batch", "model"])` and `layout_map[".*head/kernel"] = ("model", None)`:
   each device holds C/N rows of the kernel and of the Adam state, and the
   logits are computed C/N columns per device;
-- `unsharded`: no distribution; everything on the first device.
+- `unsharded`: no distribution; everything on the first device;
+- `sharded_dense`, `unsharded_dense` (not in the default run): the same with
+  `keras.layers.Dense(--classes, use_bias=False)` as the head, whose (D, C)
+  kernel is split by column, `layout_map[".*head/kernel"] = (None, "model")`.
 
 The model, with the same seeded initial weights in both:
 
     keras_lsoftmax.Sequential([
         keras.Input((--input-dim,)),
         keras.layers.Dense(--dim, activation="relu", name="features"),
-        keras_lsoftmax.LSoftmaxDense(--classes, margin=--margin, name="head"),
+        keras_lsoftmax.LSoftmaxDense(--classes, margin=--margin,
+                                     sample_rate=--sample-rate, name="head"),
     ])
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -56,7 +60,6 @@ shard shapes and the final loss) and the table. Nothing here asserts a time.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -81,12 +84,14 @@ from benchmarks.common import add_run_arguments  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
 from benchmarks.common import parse_smoke  # noqa: E402
+from benchmarks.common import peak_rss_mb  # noqa: E402
 from benchmarks.common import ratio  # noqa: E402
 from benchmarks.common import report  # noqa: E402
 from benchmarks.common import sample_stats  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("sharded", "unsharded")
+CONFIGS = ("sharded", "unsharded", "sharded_dense", "unsharded_dense")
+DEFAULT_CONFIGS = ("sharded", "unsharded")
 SMOKE = {
     "classes": 4000, "dim": 32, "batch": 32, "input_dim": 16, "steps": 2,
     "repeats": 2, "warmup": 1,
@@ -116,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="number of emulated host devices N (XLA_FLAGS)",
     )  # fmt: skip
     parser.add_argument(
-        "--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+        "--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS),
         help="configurations to run, each in a process of its own",
     )  # fmt: skip
     parser.add_argument(
@@ -135,21 +140,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def distribution(devices: int) -> keras.distribution.ModelParallel:
-    """The recipe of docs/sharding.md: the head's kernel split by class."""
+def distribution(
+    devices: int, dense: bool = False
+) -> keras.distribution.ModelParallel:
+    """The recipe of docs/sharding.md: the head's kernel split by class
+    (the columns of a Dense kernel, which is (D, C))."""
     mesh = keras.distribution.DeviceMesh(
         (1, devices), ["batch", "model"], keras.distribution.list_devices()
     )
     layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map[".*head/kernel"] = ("model", None)
+    layout_map[".*head/kernel"] = (None, "model") if dense else ("model", None)
     return keras.distribution.ModelParallel(
         layout_map=layout_map, batch_dim_name="batch"
     )
 
-
-def _peak_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,20 +164,26 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             f"Expected {args.devices} JAX devices, found {devices}: "
             "XLA_FLAGS must be set before JAX is imported"
         )
-    if args.worker == "sharded":
-        keras.distribution.set_distribution(distribution(args.devices))
+    dense = args.worker.endswith("_dense")
+    if args.worker.startswith("sharded"):
+        keras.distribution.set_distribution(distribution(args.devices, dense))
     keras.utils.set_random_seed(args.seed)  # imports TensorFlow, if there
-    peak_before_model = _peak_mb()
+    peak_before_model = peak_rss_mb()
+    if dense:
+        head = keras.layers.Dense(args.classes, use_bias=False, name="head")
+    else:
+        head = keras_lsoftmax.LSoftmaxDense(
+            args.classes,
+            margin=args.margin,
+            sample_rate=args.sample_rate,
+            name="head",
+        )
+    # keras_lsoftmax.Sequential trains a Dense head as keras.Sequential does.
     model = keras_lsoftmax.Sequential(
         [
             keras.Input((args.input_dim,)),
             keras.layers.Dense(args.dim, activation="relu", name="features"),
-            keras_lsoftmax.LSoftmaxDense(
-                args.classes,
-                margin=args.margin,
-                sample_rate=args.sample_rate,
-                name="head",
-            ),
+            head,
         ]
     )
     model.compile(
@@ -204,7 +214,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": args.worker,
         "classes": args.classes,
-        "sample_rate": args.sample_rate,
+        "sample_rate": None if dense else args.sample_rate,
         "devices": len(devices),
         "kernel_shards": [
             list(s.data.shape) for s in kernel.value.addressable_shards
@@ -213,7 +223,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "first_fit_s": first_s,
         "final_loss": loss,
         "peak_before_model_mb": peak_before_model,
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_rss_mb(),
     }
 
 
@@ -248,7 +258,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         shard = "×".join(map(str, r["kernel_shards"][0]))
         lines.append(
-            f"| {r['classes']} | {r['sample_rate']:g} | {r['config']} "
+            f"| {r['classes']} | {fmt(r['sample_rate'], 'g')} | {r['config']} "
             f"| {r['devices']} "
             f"| {len(r['kernel_shards'])} × ({shard}) "
             f"| {r['median_ms']:.0f} | {r['iqr_ms']:.0f} "

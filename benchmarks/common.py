@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from typing import Any
@@ -173,6 +174,12 @@ class Progress:
             file=sys.stderr,
             flush=True,
         )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def proc_status_bytes(key: str) -> int:

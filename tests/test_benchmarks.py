@@ -630,14 +630,18 @@ def test_bench_sharded_smoke_with_sampling(tmp_path):
     out = tmp_path / "smoke.json"
     bench_sharded.main(
         ["--smoke", "--sample-rate", "0.1", "--configs", "sharded",
-         "--out", str(out)]
+         "sharded_dense", "--out", str(out)]
     )  # fmt: skip
     data = json.loads(out.read_text())
-    (row,) = data["rows"]
+    row, dense = data["rows"]
     assert data["config"]["sample_rate"] == row["sample_rate"] == 0.1
     assert row["kernel_shards"] == [[1000, 32]] * 4
-    assert row["median_ms"] > 0 and math.isfinite(row["final_loss"])
-    assert row["ratio_to_unsharded"] is None
+    # A Dense kernel is (D, C): split by column.
+    assert (dense["config"], dense["sample_rate"]) == ("sharded_dense", None)
+    assert dense["kernel_shards"] == [[32, 1000]] * 4
+    for r in (row, dense):
+        assert r["median_ms"] > 0 and math.isfinite(r["final_loss"])
+        assert r["ratio_to_unsharded"] is None
 
 
 # Each configuration runs in a process of its own, on the suite's backend.
