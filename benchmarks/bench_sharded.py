@@ -268,6 +268,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def describe(args: argparse.Namespace) -> str:
+    """The run's problem and settings, in a sentence."""
+    return (
+        f"C = {args.classes}; B = {args.batch}; D = {args.dim}; a trained "
+        f"Dense({args.input_dim} → {args.dim}) backbone; L-Softmax m = "
+        f"{args.margin}, r = {args.sample_rate:g}; Adam(1e-3); "
+        f"{args.devices} host devices; {args.repeats} fits of {args.steps} "
+        f"batches after one of {args.warmup}; peak memory: ru_maxrss of "
+        "each configuration's process"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns the results (also written to --out)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -289,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sample_rate": args.sample_rate,
         "devices": args.devices, "configs": args.configs,
         "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-        "seed": args.seed, "smoke": args.smoke, **environment(),
+        "seed": args.seed, "smoke": args.smoke,
+        "description": describe(args), **environment(),
     }  # fmt: skip
     table = markdown_table(rows)
     return report({"config": config, "rows": rows, "markdown": table}, args.out)
