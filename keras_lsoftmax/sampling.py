@@ -118,7 +118,8 @@ def sample_classes(
         labels[:, None],
         keras.ops.full(keras.ops.shape(labels), 2.0, dtype=scores.dtype),
     )
-    _, classes = keras.ops.top_k(keras.ops.reshape(scores, (shards, block)), kept)
+    scores = keras.ops.reshape(scores, (shards, block))
+    _, classes = keras.ops.top_k(scores, kept)
     offsets = keras.ops.arange(shards, dtype="int32")[:, None] * block
     classes = keras.ops.sort(keras.ops.cast(classes, "int32")) + offsets
     classes = keras.ops.reshape(classes, (-1,))

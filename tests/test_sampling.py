@@ -1,7 +1,7 @@
 """Tests of Partial-FC class sampling (`sample_rate`, `sampling` module).
 
 Covers the draw (labelled classes kept, S distinct classes, labels mapped to
-their positions, seeded reproducibility), the head's sampled logits against
+their positions, seeded reproducibility, each shard's own share), the head's sampled logits against
 the columns of its full logits, `fit` with a sampling head (kept rows only
 updated by plain SGD, equality with the unsampled run when every class is
 kept, learning 1000 classes at r = 0.1, XLA on TensorFlow), evaluation and
