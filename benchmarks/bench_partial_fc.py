@@ -98,6 +98,7 @@ from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
 from benchmarks.common import parse_smoke  # noqa: E402
 from benchmarks.common import peak_rss_mb  # noqa: E402
+from benchmarks.common import random_batch_fitter  # noqa: E402
 from benchmarks.common import proc_status_bytes  # noqa: E402
 from benchmarks.common import ratio  # noqa: E402
 from benchmarks.common import report  # noqa: E402
@@ -316,17 +317,7 @@ def run_worker(args: argparse.Namespace) -> None:
     os.dup2(2, 1)
     peak_before_model = peak_rss_mb()
     model = build_model(args.worker, args)
-    rng = np.random.default_rng(args.seed)
-    rows = args.batch * max(args.steps, args.warmup)
-    x = rng.normal(size=(rows, args.input_dim)).astype("float32")
-    y = rng.integers(0, args.classes, rows).astype("int32")
-
-    def fit(batches: int) -> float:
-        history = model.fit(
-            x[: batches * args.batch], y[: batches * args.batch],
-            batch_size=args.batch, epochs=1, shuffle=False, verbose=0,
-        )  # fmt: skip
-        return float(history.history["loss"][-1])
+    fit = random_batch_fitter(model, args)
 
     peak_after_build = peak_rss_mb()
     t0 = time.perf_counter()

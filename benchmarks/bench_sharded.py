@@ -65,7 +65,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 
 try:
     import benchmarks  # noqa: F401
@@ -85,6 +84,7 @@ from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
 from benchmarks.common import parse_smoke  # noqa: E402
 from benchmarks.common import peak_rss_mb  # noqa: E402
+from benchmarks.common import random_batch_fitter  # noqa: E402
 from benchmarks.common import ratio  # noqa: E402
 from benchmarks.common import report  # noqa: E402
 from benchmarks.common import sample_stats  # noqa: E402
@@ -190,17 +190,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    rng = np.random.default_rng(args.seed)
-    rows = args.batch * max(args.steps, args.warmup)
-    x = rng.normal(size=(rows, args.input_dim)).astype("float32")
-    y = rng.integers(0, args.classes, rows).astype("int32")
-
-    def fit(batches: int) -> float:
-        history = model.fit(
-            x[: batches * args.batch], y[: batches * args.batch],
-            batch_size=args.batch, epochs=1, shuffle=False, verbose=0,
-        )  # fmt: skip
-        return float(history.history["loss"][-1])
+    fit = random_batch_fitter(model, args)
 
     t0 = time.perf_counter()
     fit(args.warmup)

