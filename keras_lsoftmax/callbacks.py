@@ -1,5 +1,6 @@
 """`LambdaScheduler`: anneals λ of the `LSoftmaxDense` layers during `fit`."""
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 from keras_lsoftmax.layers import LSoftmaxDense
 from keras_lsoftmax.layers import find_margin_heads
 from keras_lsoftmax.layers import lambda_value
+from keras_lsoftmax.sampling import num_sampled
 from keras_lsoftmax.schedules import LambdaSchedule
 
 _UNITS = ("step", "epoch")
@@ -283,6 +285,14 @@ class LambdaScheduler(keras.callbacks.Callback):
         return float(np.asarray(layer.lambda_))
 
 
+# The logits have collapsed when the epoch's loss is within this fraction of
+# log C (every logit equal) in two epochs in a row, after an epoch at least
+# `_AWAY` from it: the margin loss approaches log C from above as the logits
+# shrink, and a healthy run crosses it at most once.
+_COLLAPSED = 1e-3
+_AWAY = 0.1
+
+
 class RunLambdaSchedules(keras.callbacks.Callback):
     """Fits the heads' `lambda_schedule="auto"` to the run; warns of collapse.
 
@@ -296,6 +306,16 @@ class RunLambdaSchedules(keras.callbacks.Callback):
     below 1: from there the features shrink into the saddle of ψ at
     θ = 90° and the model does not train.
 
+    It also watches the run: when a model with one margin head (m > 1 or
+    any other non-identity margin) has a training loss within 0.1% of
+    log C, the loss of equal logits for every class, at the end of two
+    epochs in a row, after an epoch whose loss was at least 10% away from
+    it, it warns once that the logits have collapsed to 0. For a head with
+    `sample_rate` r < 1 the level is log S, S = int(r·C) the classes kept
+    per step (when S ≥ B; with fewer, the step keeps B and this check does
+    not fire). A loss that holds more than that head's cross-entropy
+    (other outputs, regularizers, sample weights) does not match either.
+
     Args:
         scheduled: whether the callbacks of the run include a
             `LambdaScheduler`.
@@ -304,6 +324,8 @@ class RunLambdaSchedules(keras.callbacks.Callback):
     def __init__(self, scheduled: bool):
         super().__init__()
         self.scheduled = scheduled
+        self._moved = False
+        self._near = 0
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
@@ -340,6 +362,50 @@ class RunLambdaSchedules(keras.callbacks.Callback):
         # fit made its train function before this hook: remake it if a
         # schedule was resolved.
         model.make_train_function()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        heads = [
+            layer
+            for layer in find_margin_heads(self.model)
+            if not layer.target_margin.is_identity
+        ]
+        if len(heads) != 1 or "loss" not in logs:
+            return
+        head = heads[0]
+        symbol, classes, kept = "C", head.units, f"C = {head.units}"
+        if head.sample_rate < 1:
+            # Independent of the batch size B when int(r·C) ≥ B.
+            classes = num_sampled(head.units, head.sample_rate, 1)
+            symbol, kept = "S", f"S = {classes} classes kept per step"
+        level = math.log(classes)
+        gap = abs(float(logs["loss"]) - level) / level
+        self._moved = self._moved or gap >= _AWAY
+        self._near = self._near + 1 if self._moved and gap <= _COLLAPSED else 0
+        if self._near != 2:
+            return
+        theta = logs.get("lsoftmax_theta")
+        angle = "" if theta is None else f", θ = {float(theta):.1f}°"
+        warnings.warn(
+            f"{type(head).__name__} '{head.name}' ({head.target_margin}): "
+            f"the training loss has been within 0.1% of log {symbol} = "
+            f"{level:.4f} ({kept}), the loss of equal logits for every "
+            f"class, for 2 epochs (epoch {epoch + 1}: "
+            f"{float(logs['loss']):.4f}{angle}). The logits have shrunk to "
+            "about 0: the margin is more than the features meet, and "
+            f"training does not recover from there. {_remedy(head)}",
+            stacklevel=2,
+        )
+
+
+def _remedy(head: Any) -> str:
+    if head.needs_lambda_annealing:
+        return (
+            "Keep a higher λ: for instance lambda_minimum=10 with the "
+            'default lambda_schedule="auto", or a LambdaSchedule with '
+            "minimum=10 (see docs/choosing-m-and-lambda.md)."
+        )
+    return "Use a smaller margin, or anneal λ from a large value."
 
 
 __all__ = ["LambdaScheduler"]

@@ -41,6 +41,8 @@ class SphereFaceDense(LSoftmaxDense):
         lambda_schedule: `"auto"` (default), a float ≥ 0 or a
             `keras_lsoftmax.schedules.LambdaSchedule`, as for
             `keras_lsoftmax.MarginDense`.
+        lambda_minimum: float ≥ 0 or None, the floor of the `"auto"`
+            schedule (None: 5).
         kernel_initializer: initializer for the kernel, called with the
             Dense shape (input_dim, units).
         kernel_regularizer: regularizer for the kernel (units, input_dim).
@@ -76,6 +78,7 @@ class SphereFaceDense(LSoftmaxDense):
         units: int,
         margin: int = 4,
         lambda_schedule: Any = "auto",
+        lambda_minimum: float | None = None,
         kernel_initializer: Any = "glorot_uniform",
         kernel_regularizer: Any = None,
         kernel_constraint: Any = None,
@@ -86,6 +89,7 @@ class SphereFaceDense(LSoftmaxDense):
             margin=margin,
             normalize_weights=True,
             lambda_schedule=lambda_schedule,
+            lambda_minimum=lambda_minimum,
             kernel_initializer=kernel_initializer,
             kernel_regularizer=kernel_regularizer,
             kernel_constraint=kernel_constraint,

@@ -146,6 +146,10 @@ class MarginDense(keras.layers.Layer):
             `lambda_schedule="auto"` it stands for
             `lambda_schedule=initial_lambda`. It must equal a constant
             `lambda_schedule`, and cannot go with a `LambdaSchedule`.
+        lambda_minimum: float ≥ 0 or None, the floor of λ under
+            `lambda_schedule="auto"` (None: the head's default,
+            `auto_lambda_minimum`). Only with `"auto"`: any other schedule
+            states its own floor.
         kernel_initializer: initializer for the kernel, called with the
             Dense shape (input_dim, rows); its result is stored transposed.
         kernel_regularizer: regularizer for the kernel (rows, input_dim).
@@ -195,6 +199,7 @@ class MarginDense(keras.layers.Layer):
         sub_centers: int = 1,
         lambda_schedule: Any = 0.0,
         initial_lambda: float | None = None,
+        lambda_minimum: float | None = None,
         kernel_initializer: Any = "glorot_uniform",
         kernel_regularizer: Any = None,
         kernel_constraint: Any = None,
@@ -235,6 +240,8 @@ class MarginDense(keras.layers.Layer):
         if initial_lambda is not None:
             initial_lambda = lambda_value(initial_lambda, "initial_lambda")
         schedule = _own_schedule(lambda_schedule, initial_lambda)
+        if lambda_minimum is not None:
+            lambda_minimum = _auto_floor(lambda_minimum, schedule)
         # The layer casts for itself: the margin needs float32 even when the
         # policy computes in float16, and the kernel must not be autocast.
         kwargs.pop("autocast", None)
@@ -252,6 +259,10 @@ class MarginDense(keras.layers.Layer):
             keras.random.SeedGenerator(seed) if sample_rate < 1 else None
         )
         self.initial_lambda = schedule if isinstance(schedule, float) else 0.0
+        self.lambda_minimum = lambda_minimum
+        if lambda_minimum is not None:
+            # The instance's floor replaces the class's for "auto".
+            self.auto_lambda_minimum = lambda_minimum
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
@@ -676,6 +687,10 @@ class MarginDense(keras.layers.Layer):
             "units": self.units,
             **self._formula_config(),
             "lambda_schedule": own,
+            # Once "auto" is resolved, its schedule holds the floor.
+            "lambda_minimum": (
+                self.lambda_minimum if isinstance(own, str) else None
+            ),
             "kernel_initializer": keras.initializers.serialize(
                 self.kernel_initializer
             ),
@@ -747,6 +762,11 @@ class LSoftmaxDense(MarginDense):
         lambda_schedule: `"auto"` (default), a float ≥ 0 for a constant λ,
             or a `keras_lsoftmax.schedules.LambdaSchedule` (see
             `keras_lsoftmax.MarginDense`). Ignored when `margin=1`.
+        lambda_minimum: float ≥ 0 or None, the floor of the `"auto"`
+            schedule (None: 2). With many classes or hard data the margin
+            at λ = 2 can be more than the features meet, and the logits
+            shrink to 0; a floor of 5 to 10 (the authors' advice) trains
+            there (see docs/choosing-m-and-lambda.md).
         **kwargs: `sample_rate` and `seed` (Partial-FC class sampling, as
             for `keras_lsoftmax.MarginDense`) and the other
             `keras.layers.Layer` arguments (`name`, `dtype`, `trainable`,
@@ -789,6 +809,7 @@ class LSoftmaxDense(MarginDense):
         kernel_regularizer: Any = None,
         kernel_constraint: Any = None,
         lambda_schedule: Any = "auto",
+        lambda_minimum: float | None = None,
         **kwargs: Any,
     ):
         _check_positive_int(units, "units")
@@ -798,6 +819,7 @@ class LSoftmaxDense(MarginDense):
             normalize_weights=normalize_weights,
             lambda_schedule=lambda_schedule,
             initial_lambda=initial_lambda,
+            lambda_minimum=lambda_minimum,
             kernel_initializer=kernel_initializer,
             kernel_regularizer=kernel_regularizer,
             kernel_constraint=kernel_constraint,
@@ -874,6 +896,19 @@ def _own_schedule(lambda_schedule: Any, initial_lambda: float | None) -> Any:
             f"lambda_schedule={lambda_schedule!r}"
         )
     return constant
+
+
+def _auto_floor(lambda_minimum: Any, schedule: Any) -> float:
+    """`lambda_minimum` as a float, checked to go with an "auto" schedule."""
+    floor = lambda_value(lambda_minimum, "lambda_minimum")
+    if not isinstance(schedule, str):
+        raise ValueError(
+            '`lambda_minimum` is the floor of lambda_schedule="auto"; a '
+            "constant λ or a LambdaSchedule states its own. Received: "
+            f"lambda_minimum={lambda_minimum!r} with "
+            f"lambda_schedule={schedule!r}"
+        )
+    return floor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -503,8 +503,8 @@ _RUN_FLAGS = ["--seed", "--out", "--smoke"]
                          "--repeats", "--warmup", *_RUN_FLAGS]),
         (bench_partial_fc, ["--backend", "--classes", "--dim", "--batch",
                             "--input-dim", "--heads", "--sample-rates",
-                            "--margin", "--steps", "--repeats", "--warmup",
-                            "--accuracy", "--train-per-class",
+                            "--margin", "--lambda-minimum", "--steps",
+                            "--repeats", "--warmup", "--accuracy", "--train-per-class",
                             "--test-per-class", "--noise", "--epochs",
                             "--optimizer", "--learning-rate", *_RUN_FLAGS]),
     ],
@@ -694,6 +694,8 @@ def test_bench_partial_fc_accuracy_smoke(tmp_path, capsys):
     assert (config["classes"], config["train_per_class"], config["epochs"]) == (
         200, 4, 2
     )
+    assert (config["margin"], config["lambda_minimum"]) == (4, 10.0)
+    assert "lsoftmax (m = 4, λ floor 10)" in config["description"]
     rows = data["rows"]
     assert [(r["head"], r["sample_rate"], r["kept_classes"]) for r in rows] == [
         ("lsoftmax", 1.0, 200), ("lsoftmax", 0.1, 32),

@@ -696,3 +696,88 @@ def test_annealed_or_large_lambda_does_not_warn(head_kwargs, callbacks):
     model = _default_model(**head_kwargs)
     _, messages = _lambda_warnings(model, callbacks=callbacks)
     assert messages == []
+
+
+# ------------------------------------------------- collapse of the logits
+
+
+class ZeroFeatures(keras.callbacks.Callback):
+    """Zeroes the ReLU feature layer after the first epoch.
+
+    From then on every feature, so every logit, is 0 and gets no gradient:
+    the state a collapsed run ends in, reached in one step.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Reading `self.model` puts a running JAX fit's state back into the
+        # variables, and the next epoch starts from them.
+        features = self.model.layers[0]
+        if epoch == 0:
+            for weight in features.weights:
+                weight.assign(keras.ops.zeros(weight.shape))
+
+
+def _collapse_warnings(model, callbacks=(), epochs=4):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = _fit(model, epochs=epochs, callbacks=callbacks)
+    return history, [str(w.message) for w in record if "log C" in str(w.message)]
+
+
+def test_collapsed_logits_warn_once():
+    # λ = 1 from the start: the margin logit puts the first epoch's loss
+    # well above log C, as the margin does before a collapse.
+    model = _default_model(lambda_schedule=1.0)
+    history, messages = _collapse_warnings(model, [ZeroFeatures()], epochs=5)
+    losses = history.history["loss"]
+    assert losses[0] > 1.1 * math.log(C)
+    np.testing.assert_allclose(losses[1:], math.log(C), rtol=1e-5)
+    assert len(messages) == 1
+    assert "LSoftmaxDense 'head' (AngularMargin(m=2))" in messages[0]
+    assert f"log C = {math.log(C):.4f} (C = {C})" in messages[0]
+    assert "epoch 3:" in messages[0] and "θ = 90.0°" in messages[0]
+    assert "lambda_minimum=10" in messages[0]
+
+
+def test_collapse_of_a_sampling_head_warns():
+    keras.utils.set_random_seed(0)
+    classes = 40  # S = int(0.1·40) = 4 of them per step, B = 4
+    model = keras_lsoftmax.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(8, activation="relu"),
+            LSoftmaxDense(
+                classes, margin=2, lambda_schedule=1.0, sample_rate=0.1,
+                seed=1, name="head",
+            ),
+        ]
+    )  # fmt: skip
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = np.random.default_rng(0).normal(size=(N, D)).astype("float32")
+    y = np.arange(N) % classes
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = model.fit(
+            x, y, batch_size=4, epochs=4, shuffle=False, verbose=0,
+            callbacks=[ZeroFeatures()],
+        )  # fmt: skip
+    messages = [str(w.message) for w in record if "log S" in str(w.message)]
+    np.testing.assert_allclose(history.history["loss"][1:], math.log(4), rtol=1e-5)
+    assert len(messages) == 1
+    assert "log S = 1.3863 (S = 4 classes kept per step)" in messages[0]
+
+
+def test_a_run_whose_loss_crosses_log_c_does_not_warn():
+    model = _default_model(lambda_schedule=1.0)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history, messages = _collapse_warnings(model, epochs=10)
+    losses = history.history["loss"]
+    # From above log C to below it, as a training margin loss goes.
+    assert losses[0] > 1.1 * math.log(C) > math.log(C) > losses[-1]
+    assert messages == []

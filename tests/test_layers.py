@@ -108,6 +108,9 @@ def _unit_rows(w):
         ("normalize_weights", 1),
         ("normalize_weights", "yes"),
         ("normalize_weights", None),
+        ("lambda_minimum", -1.0),
+        ("lambda_minimum", float("nan")),
+        ("lambda_minimum", "10"),
     ],
 )
 def test_constructor_rejects_invalid_arguments(name, value):
@@ -452,6 +455,36 @@ def test_initial_lambda_is_a_constant_lambda_schedule():
 def test_initial_lambda_conflicts_with_lambda_schedule(lambda_schedule, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         LSoftmaxDense(UNITS, initial_lambda=2.5, lambda_schedule=lambda_schedule)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"lambda_schedule": 1.0}, {"initial_lambda": 1.0}],
+    ids=["constant", "initial_lambda"],
+)
+def test_lambda_minimum_needs_the_auto_schedule(kwargs):
+    with pytest.raises(ValueError, match=r"lambda_minimum=10.0 with"):
+        LSoftmaxDense(UNITS, lambda_minimum=10.0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls, default", [(LSoftmaxDense, 2.0), (keras_lsoftmax.SphereFaceDense, 5.0)]
+)
+def test_lambda_minimum_floors_the_auto_schedule(cls, default):
+    assert cls(UNITS).resolve_auto_schedule(100).minimum == default
+    layer = cls(UNITS, lambda_minimum=10)
+    config = json.loads(json.dumps(layer.get_config()))
+    assert config["lambda_minimum"] == 10.0
+    clone = cls.from_config(config)
+    schedule = clone.resolve_auto_schedule(100)
+    assert schedule.get_config() == (
+        keras_lsoftmax.schedules.auto_schedule(100, minimum=10.0).get_config()
+    )
+    assert float(schedule(100)) == 10.0
+    # Resolved, the schedule holds the floor, and the config loads again.
+    config = clone.get_config()
+    assert config["lambda_minimum"] is None
+    assert cls.from_config(config).lambda_schedule.minimum == 10.0
 
 
 def test_lambda_schedule_needs_the_step_in_a_label_scope():
