@@ -50,9 +50,10 @@ initial weights and the same shuffles) is trained with `sample_rate=1` and
 with each rate of `--sample-rates` for `--epochs` epochs of batch B
 (`--optimizer`, `--learning-rate`); `evaluate` gives the accuracy over all
 C classes on the test samples. The heads of this mode are by default
-`LSoftmaxDense(C, margin=4, lambda_minimum=10)` and `CosFaceDense(C)`:
-with the default floor of λ, 2, L-Softmax's logits collapse to 0 on this
-task by the 5th of 10 epochs (`fit` warns). Its default batch, 128, makes
+`LSoftmaxDense(C, margin=4, lambda_minimum=10)` (10 is its default floor
+beyond 10 classes, stated so that `--classes` 10 or fewer keeps it) and
+`CosFaceDense(C)`: with a floor of λ of 2, L-Softmax's logits collapse to 0
+on this task by the 5th of 10 epochs (`fit` warns). Its default batch, 128, makes
 S = r·C at r = 0.1 (with B = 256, S would be B = 256).
 
 Run time on a shared 2-core x86-64 CPU: the default run about 2 minutes on
@@ -124,8 +125,8 @@ OPTIMIZERS = {
 }
 # Heads whose margin is an integer multiplier of the angle.
 ANGULAR_HEADS = ("lsoftmax", "sphereface")
-# --accuracy's own defaults: S = r·C at r = 0.1; with λ's default floor of
-# 2, L-Softmax's logits collapse to 0 on this task (fit warns).
+# --accuracy's own defaults: S = r·C at r = 0.1; with a floor of λ of 2,
+# L-Softmax's logits collapse to 0 on this task (fit warns).
 ACCURACY_DEFAULTS = {
     "classes": 2000, "batch": 128, "lambda_minimum": 10.0,
     "heads": ["lsoftmax", "cosface"],
@@ -185,7 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lambda-minimum", type=float, default=None,
         help="the floor of λ of lsoftmax and sphereface (default: the "
-        "head's own, 2 and 5; 10 with --accuracy)",
+        "head's own, 2 up to 10 classes and 10 beyond, and 5; 10 with "
+        "--accuracy)",
     )
     parser.add_argument(
         "--steps", type=int, default=3, help="fit batches per timing sample"
@@ -227,6 +229,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--learning-rate", type=float, default=1e-3,
         help="the optimizer's learning rate",
+    )
+    parser.add_argument(
+        "--jit-compile", action="store_true",
+        help="compile(jit_compile=True): XLA on TensorFlow (Keras's default "
+        "on GPUs, off on CPUs), torch.compile on PyTorch; JAX always jits "
+        "(default: Keras's choice)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     add_run_arguments(parser, "seed of the data, weights and samples", SMOKE)
@@ -303,6 +311,7 @@ def build_model(
         optimizer=OPTIMIZERS[args.optimizer](args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics,
+        jit_compile=True if args.jit_compile else "auto",
     )
     return model
 
@@ -566,7 +575,8 @@ def _describe_model(args: argparse.Namespace) -> str:
         f"model: Input({args.input_dim}) → Dense({args.dim}, relu) → head, "
         f"features trained; heads: {heads}; optimizer: {args.optimizer} "
         f"(learning rate {args.learning_rate:g}); loss: sparse "
-        f"cross-entropy from logits; B = {args.batch}; seed {args.seed}"
+        f"cross-entropy from logits; B = {args.batch}; seed {args.seed}; "
+        f"jit_compile={'True' if args.jit_compile else 'auto'}"
     )
 
 
@@ -609,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sample_rates": args.sample_rates, "margin": args.margin,
         "lambda_minimum": args.lambda_minimum,
         "optimizer": args.optimizer, "learning_rate": args.learning_rate,
-        "seed": args.seed, "smoke": args.smoke, **environment(),
+        "jit_compile": args.jit_compile, "seed": args.seed, "smoke": args.smoke, **environment(),
     }  # fmt: skip
     if args.accuracy:
         config.update(

@@ -400,10 +400,13 @@ class RunLambdaSchedules(keras.callbacks.Callback):
 
 def _remedy(head: Any) -> str:
     if head.needs_lambda_annealing:
+        # 10 is the floor measured to train where 2 collapsed; a head that
+        # collapsed at a higher floor gets the same step up, 5 times it.
+        floor = max(10.0, 5.0 * head.auto_lambda_minimum)
         return (
-            "Keep a higher λ: for instance lambda_minimum=10 with the "
-            'default lambda_schedule="auto", or a LambdaSchedule with '
-            "minimum=10 (see docs/choosing-m-and-lambda.md)."
+            f"Keep a higher λ: for instance lambda_minimum={floor:g} with "
+            'the default lambda_schedule="auto", or a LambdaSchedule with '
+            f"minimum={floor:g} (see docs/choosing-m-and-lambda.md)."
         )
     return "Use a smaller margin, or anneal λ from a large value."
 

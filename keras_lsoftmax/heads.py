@@ -71,8 +71,6 @@ class SphereFaceDense(LSoftmaxDense):
         for Face Recognition", CVPR 2017, https://arxiv.org/abs/1704.08063
     """
 
-    auto_lambda_minimum = 5.0
-
     def __init__(
         self,
         units: int,
@@ -95,6 +93,10 @@ class SphereFaceDense(LSoftmaxDense):
             kernel_constraint=kernel_constraint,
             **kwargs,
         )
+
+    def default_lambda_minimum(self) -> float:
+        """The floor of the `"auto"` schedule without `lambda_minimum`: 5."""
+        return 5.0
 
     def _formula_config(self) -> dict[str, Any]:
         return {"margin": self.margin}

@@ -148,7 +148,7 @@ class MarginDense(keras.layers.Layer):
             `lambda_schedule`, and cannot go with a `LambdaSchedule`.
         lambda_minimum: float ≥ 0 or None, the floor of λ under
             `lambda_schedule="auto"` (None: the head's default,
-            `auto_lambda_minimum`). Only with `"auto"`: any other schedule
+            `default_lambda_minimum()`). Only with `"auto"`: any other schedule
             states its own floor.
         kernel_initializer: initializer for the kernel, called with the
             Dense shape (input_dim, rows); its result is stored transposed.
@@ -186,9 +186,6 @@ class MarginDense(keras.layers.Layer):
     )
     ```
     """
-
-    # The floor of the "auto" λ schedule.
-    auto_lambda_minimum = 2.0
 
     def __init__(
         self,
@@ -260,9 +257,6 @@ class MarginDense(keras.layers.Layer):
         )
         self.initial_lambda = schedule if isinstance(schedule, float) else 0.0
         self.lambda_minimum = lambda_minimum
-        if lambda_minimum is not None:
-            # The instance's floor replaces the class's for "auto".
-            self.auto_lambda_minimum = lambda_minimum
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
@@ -281,6 +275,21 @@ class MarginDense(keras.layers.Layer):
         # "auto" until a run resolves it (`resolve_auto_schedule`).
         self._own_schedule = schedule
         self._lambda_schedule = None
+
+    @property
+    def auto_lambda_minimum(self) -> float:
+        """The floor of λ under `lambda_schedule="auto"`.
+
+        `lambda_minimum` when given, else the head's default for its
+        `units` (`default_lambda_minimum`).
+        """
+        if self.lambda_minimum is not None:
+            return self.lambda_minimum
+        return self.default_lambda_minimum()
+
+    def default_lambda_minimum(self) -> float:
+        """The floor of the `"auto"` schedule without `lambda_minimum`: 2."""
+        return 2.0
 
     @property
     def needs_lambda_annealing(self) -> bool:
@@ -734,8 +743,9 @@ class LSoftmaxDense(MarginDense):
 
     The layer has no bias, as in the paper. By default
     (`lambda_schedule="auto"`) λ anneals as in the authors' code, from about
-    1000 (near plain softmax) to a floor of 2 over the first 30% of the run
-    (see `keras_lsoftmax.schedules.auto_schedule`); a constant small λ from
+    1000 (near plain softmax) to a floor over the first 30% of the run: 2 up
+    to 10 classes, 10 for more (see `keras_lsoftmax.schedules.auto_schedule`
+    and `default_lambda_minimum`); a constant small λ from
     the first step does not train (the features shrink into the saddle of ψ
     at θ = 90° and the loss stays near log C), and `fit` warns about it.
     Labels, λ, the kernel layout, dtypes and label checks work as described
@@ -763,10 +773,10 @@ class LSoftmaxDense(MarginDense):
             or a `keras_lsoftmax.schedules.LambdaSchedule` (see
             `keras_lsoftmax.MarginDense`). Ignored when `margin=1`.
         lambda_minimum: float ≥ 0 or None, the floor of the `"auto"`
-            schedule (None: 2). With many classes or hard data the margin
-            at λ = 2 can be more than the features meet, and the logits
-            shrink to 0; a floor of 5 to 10 (the authors' advice) trains
-            there (see docs/choosing-m-and-lambda.md).
+            schedule (None: 2 up to 10 classes, 10 for more). Beyond 10
+            classes the margin at λ = 2 can be more than the features
+            meet, and the logits shrink to 0 (see
+            docs/choosing-m-and-lambda.md).
         **kwargs: `sample_rate` and `seed` (Partial-FC class sampling, as
             for `keras_lsoftmax.MarginDense`) and the other
             `keras.layers.Layer` arguments (`name`, `dtype`, `trainable`,
@@ -826,6 +836,15 @@ class LSoftmaxDense(MarginDense):
             **kwargs,
         )
         self.margin = margin
+
+    def default_lambda_minimum(self) -> float:
+        """The floor of the `"auto"` schedule without `lambda_minimum`.
+
+        2 up to 10 classes, the paper's MNIST and CIFAR-10 setting; 10 for
+        more classes, the authors' advice for larger data, where a floor
+        of 2 lets the logits collapse (see docs/choosing-m-and-lambda.md).
+        """
+        return 2.0 if self.units <= 10 else 10.0
 
     def _formula_config(self) -> dict[str, Any]:
         return {

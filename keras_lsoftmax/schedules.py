@@ -364,19 +364,20 @@ def auto_schedule(
 ) -> InverseDecay:
     """The schedule `LSoftmaxDense(lambda_schedule="auto")` uses in a run.
 
-    `InverseDecay(base=1000, gamma, power=35, minimum=2)`, with gamma chosen
+    `InverseDecay(base=1000, gamma, power=35, minimum)`, with gamma chosen
     so that the decay (without the floor) crosses λ = 1 after 30% of the
     `total_steps` optimizer steps of the run: λ is about 1000 at the first
-    step, near plain softmax, and stays at the floor of 2 from about 27% of
-    the run on. When the length of the run is unknown (None; for instance
+    step, near plain softmax, and stays at the floor from about 27% of the
+    run on. When the length of the run is unknown (None; for instance
     an endless dataset without `steps_per_epoch`), gamma is the authors'
     MNIST value 2.5e-5, which crosses λ = 1 near step 8700.
 
     Args:
         total_steps: int ≥ 1, the number of optimizer steps of the run, or
             None.
-        minimum: the floor of λ: 2 for L-Softmax, 5 for SphereFace (the
-            SphereFace authors' floor).
+        minimum: the floor of λ (default 2). The heads pass their
+            `auto_lambda_minimum`: for L-Softmax 2 up to 10 classes and 10
+            for more, for SphereFace 5 (its authors' floor).
 
     Returns:
         An `InverseDecay`.

@@ -506,7 +506,8 @@ _RUN_FLAGS = ["--seed", "--out", "--smoke"]
                             "--margin", "--lambda-minimum", "--steps",
                             "--repeats", "--warmup", "--accuracy", "--train-per-class",
                             "--test-per-class", "--noise", "--epochs",
-                            "--optimizer", "--learning-rate", *_RUN_FLAGS]),
+                            "--optimizer", "--learning-rate", "--jit-compile",
+                            *_RUN_FLAGS]),
     ],
 )
 def test_help_states_every_default(capsys, script, flags):
@@ -682,6 +683,20 @@ def test_bench_partial_fc_smoke(tmp_path, capsys):
         "[1/1] built and warmed up 2 processes",
         "[1/2] round 1, C=200", "[2/2] round 2, C=200",
     ]
+
+
+@pytest.mark.parametrize("flags, expected", [([], "auto"), (["--jit-compile"], True)])
+def test_bench_partial_fc_jit_compile_reaches_the_models(flags, expected):
+    args = bench_partial_fc.parse_args(["--smoke", *flags])
+    # "auto" resolves to Keras's own choice for the backend and device.
+    plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    plain.compile(loss="mse", jit_compile=expected)
+    for config in bench_partial_fc.configs(args):
+        model = bench_partial_fc.build_model(config, args)
+        assert model.jit_compile == plain.jit_compile
+    if expected is True:
+        assert model.jit_compile is True
+    assert f"jit_compile={expected}" in bench_partial_fc.describe_time(args)
 
 
 def test_bench_partial_fc_accuracy_smoke(tmp_path, capsys):

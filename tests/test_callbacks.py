@@ -768,6 +768,8 @@ def test_collapse_of_a_sampling_head_warns():
     np.testing.assert_allclose(history.history["loss"][1:], math.log(4), rtol=1e-5)
     assert len(messages) == 1
     assert "log S = 1.3863 (S = 4 classes kept per step)" in messages[0]
+    # 40 classes: the default floor is 10 already, so the advice is higher.
+    assert "lambda_minimum=50" in messages[0]
 
 
 def test_a_run_whose_loss_crosses_log_c_does_not_warn():

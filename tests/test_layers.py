@@ -468,6 +468,23 @@ def test_lambda_minimum_needs_the_auto_schedule(kwargs):
 
 
 @pytest.mark.parametrize(
+    "cls, units, default",
+    [
+        (LSoftmaxDense, 10, 2.0),
+        (LSoftmaxDense, 11, 10.0),
+        (LSoftmaxDense, 2000, 10.0),
+        (keras_lsoftmax.SphereFaceDense, 10, 5.0),
+        (keras_lsoftmax.SphereFaceDense, 2000, 5.0),
+    ],
+)
+def test_default_floor_of_the_auto_schedule(cls, units, default):
+    layer = cls(units)
+    assert layer.auto_lambda_minimum == layer.default_lambda_minimum()
+    assert layer.resolve_auto_schedule(100).minimum == default
+    assert cls(units, lambda_minimum=0.5).auto_lambda_minimum == 0.5
+
+
+@pytest.mark.parametrize(
     "cls, default", [(LSoftmaxDense, 2.0), (keras_lsoftmax.SphereFaceDense, 5.0)]
 )
 def test_lambda_minimum_floors_the_auto_schedule(cls, default):
