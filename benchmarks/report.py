@@ -373,10 +373,10 @@ SECTIONS: list[dict[str, Any]] = [
         "notes": [
             "With XLA the sampled step takes 0.25 times the Dense step's "
             "time and 0.64 times its peak memory above the baseline, "
-            "against 0.97 without XLA. The ratio falls mostly because "
-            "Dense's peak rises under XLA on this CPU (5927 MB above the "
-            "baseline, 4065 MB in the run without XLA); the sampled step's "
-            "own peak is about the same in both runs (3777 and 3926 MB).",
+            "against 0.97 without XLA, mostly because Dense's peak is "
+            "higher under XLA on this CPU (5927 MB above the baseline, "
+            "against 4065 MB without); the sampled step's own peak is about "
+            "the same with and without XLA (3777 and 3926 MB).",
         ],
     },
     {
@@ -391,7 +391,7 @@ SECTIONS: list[dict[str, Any]] = [
             "Compiled, the sampled step takes 0.16 times the Dense step's "
             "time and 0.53 times its peak memory above the baseline, "
             "against 0.46 and 0.70 eager (3752 and 8159 ms per step, "
-            "3776 and 5394 MB in the eager run): compiling cuts the sampled "
+            "3776 and 5394 MB eager): compiling cuts the sampled "
             "step's time by 6.9 times and Dense's by 2.3. On the 300-class "
             "task of `--accuracy --classes 300 --backend torch`, training "
             "with and without `--jit-compile` gives the same test "
