@@ -3,6 +3,7 @@
 from keras_lsoftmax import cloning  # noqa: F401 (wraps keras.models.clone_model)
 from keras_lsoftmax import margins
 from keras_lsoftmax import ops
+from keras_lsoftmax import optimizers
 from keras_lsoftmax import schedules
 from keras_lsoftmax.callbacks import LambdaScheduler
 from keras_lsoftmax.heads import ArcFaceDense
@@ -30,5 +31,6 @@ __all__ = [
     "label_scope",
     "margins",
     "ops",
+    "optimizers",
     "schedules",
 ]

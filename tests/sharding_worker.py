@@ -14,7 +14,8 @@ With `sampled` instead of a head, trains a sharded Partial-FC head
 (`sample_rate=0.1`) for one step, twice from the same seed, and prints the
 kernel rows each device's shard changed, whether the labelled rows are
 among them, the collectives of the compiled step and the difference between
-the two runs.
+the two runs; then, with `LazyAdam`, the rows each shard moves in a second
+step and the shards of the kernel's slots.
 """
 
 import json
@@ -66,7 +67,7 @@ SAMPLED = {
 }
 
 
-def _model(head):
+def _model(head, optimizer=None):
     keras.utils.set_random_seed(0)
     model = keras_lsoftmax.Sequential(
         [
@@ -76,7 +77,7 @@ def _model(head):
         ]
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-2, epsilon=1e-4),
+        optimizer=optimizer or keras.optimizers.Adam(1e-2, epsilon=1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -166,11 +167,29 @@ def sampled_report():
     # Adam moves a row in its first step only if the row has a gradient.
     changed = np.any(kernels[0] != initial, axis=1)
     return {
+        **_lazy_second_step(x, y),
         "changed_rows_per_shard": changed.reshape(4, -1).sum(axis=1).tolist(),
         "labelled_rows_changed": bool(np.all(changed[y[:BATCH]])),
         "loss": float(logs.history["loss"][-1]),
         "rerun_max_diff": float(np.max(np.abs(kernels[0] - kernels[1]))),
         **_hlo_report(_compiled_step(model), C),
+    }
+
+
+def _lazy_second_step(x, y):
+    """The rows LazyAdam moves in a second sharded sampled step."""
+    optimizer = keras_lsoftmax.optimizers.LazyAdam(1e-2, epsilon=1e-4)
+    model = _model("sampled", optimizer)
+    kernel = model.get_layer("head").kernel
+    model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, verbose=0)
+    before = np.asarray(kernel)
+    second = slice(BATCH, 2 * BATCH)
+    model.fit(x[second], y[second], batch_size=BATCH, verbose=0)
+    moved = np.any(np.asarray(kernel) != before, axis=1)
+    return {
+        "lazy_moved_rows_per_shard": moved.reshape(4, -1).sum(axis=1).tolist(),
+        "lazy_labelled_rows_moved": bool(np.all(moved[y[second]])),
+        "lazy_slot_shards": [_shard_shapes(v) for v in _kernel_slots(model)],
     }
 
 

@@ -185,6 +185,7 @@ def test_public_api_is_the_same_on_every_backend():
             "label_scope",
             "margins",
             "ops",
+            "optimizers",
             "schedules",
         ]
     )

@@ -151,6 +151,17 @@ def test_sampling_keeps_rows_of_every_shard_and_the_labelled_ones(
 
 
 @pytest.mark.jax
+def test_lazy_adam_moves_only_kept_rows_of_every_shard(sampled_report):
+    # Keras's Adam would also move the 400 rows kept by the first step.
+    moved = sampled_report["lazy_moved_rows_per_shard"]
+    assert all(0 < rows <= 100 for rows in moved)
+    assert sum(moved) >= 4 * 100 - 8  # a kept row's gradient may be 0
+    assert sampled_report["lazy_labelled_rows_moved"]
+    shard = [4000 // DEVICES, 32]
+    assert sampled_report["lazy_slot_shards"] == [[shard] * DEVICES] * 2
+
+
+@pytest.mark.jax
 def test_sampled_step_exchanges_no_class_rows(sampled_report):
     batch, classes = 64, 4000
     for op, shapes in sampled_report["collectives"]:
