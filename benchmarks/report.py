@@ -117,7 +117,8 @@ _LAZY_ADAM_NOTES = {
     "jax": [
         "Compiled, LazyAdam computes every row in one fused pass and keeps "
         "the untouched ones: 0.21 times the Dense step's time and 0.58 "
-        "times its peak, against 0.17 and 0.48 with Adam in another run; "
+        "times its peak, against 0.17 and 0.48 with Adam (the JAX section "
+        "of Partial FC above); "
         "the mask costs one more read of the gradient.",
     ],
     "torch": [

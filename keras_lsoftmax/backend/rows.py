@@ -41,7 +41,7 @@ def update_masked_rows(
         gradient: the gradient of `variables[0]`, dense.
         variables: the variable, then its slots, all of its shape.
     """
-    gradient = keras.ops.convert_to_tensor(gradient)
+    gradient = keras.ops.cast(gradient, variables[0].dtype)
     touched = touched_mask(gradient)
     values = [keras.ops.convert_to_tensor(v) for v in variables]
     for variable, old, new in zip(variables, values, step(gradient, *values)):

@@ -23,12 +23,11 @@ def update_rows(
     variables: Sequence[keras.Variable],
 ) -> None:
     """See `keras_lsoftmax.backend.rows.update_masked_rows`."""
-    dtype = variables[0].dtype
     if in_xla_context() or len(variables[0].shape) == 0:
-        gradient = tf.cast(tf.convert_to_tensor(gradient), dtype)
+        gradient = tf.convert_to_tensor(gradient)
         return update_masked_rows(optimizer, step, gradient, variables)
     indices, rows = _touched_rows(gradient)
-    rows = tf.cast(rows, dtype)
+    rows = tf.cast(rows, variables[0].dtype)
     # Keras hands the update step a `tf.Variable` under a distribution
     # strategy's update, its own variables (the slots) elsewhere.
     variables = [
