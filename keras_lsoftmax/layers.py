@@ -110,7 +110,8 @@ class MarginDense(keras.layers.Layer):
 
     With `sample_rate=r` < 1 (Partial FC, see `docs/partial-fc.md`), each
     training step with labels keeps the classes labelled in the batch plus
-    random negatives, S = min(C, max(int(r·C), B)) classes in all, and
+    random negatives, S = min(C, max(int(r·C), B)) classes in all (under
+    data parallelism, the classes of the global batch, on every replica), and
     returns logits (B, S) over those classes only; the margin-aware
     models hand the loss and the training metrics the labels' positions
     among them. Only the kept rows of the kernel get a gradient. Inference

@@ -26,6 +26,8 @@ from typing import Any
 
 import keras
 
+from keras_lsoftmax import backend
+
 
 @dataclasses.dataclass(frozen=True)
 class SampledClasses:
@@ -36,7 +38,7 @@ class SampledClasses:
         rows: int32 (S·K,), their kernel rows (K sub-centres per class,
             class by class).
         labels: int32 (B,), each label's position in `classes`: the labels
-            of the (B, S) logits.
+            of the (B, S) logits (B: this replica's part of the batch).
     """
 
     classes: Any
@@ -98,7 +100,8 @@ def sample_classes(
     Builds no (B, C) tensor: the scores are (C,).
 
     Args:
-        labels: int32 (B,), class ids in [0, num_classes).
+        labels: int32 (B,), class ids in [0, num_classes): this replica's
+            part of the batch.
         num_classes: C.
         rate: the sample rate r in (0, 1].
         seed: the `keras.random.SeedGenerator` the negatives are drawn from.
@@ -108,15 +111,16 @@ def sample_classes(
     Returns:
         A `SampledClasses`.
     """
+    labelled = backend.replicas.global_labels(labels)
     block = num_classes // shards
-    kept = num_sampled(block, rate, keras.ops.shape(labels)[0])
+    kept = num_sampled(block, rate, keras.ops.shape(labelled)[0])
     scores = keras.random.uniform((num_classes,), seed=seed)
     # Labelled classes score 2 > any uniform draw, so top_k keeps them all;
     # a label repeated in the batch writes the same value twice.
     scores = keras.ops.scatter_update(
         scores,
-        labels[:, None],
-        keras.ops.full(keras.ops.shape(labels), 2.0, dtype=scores.dtype),
+        labelled[:, None],
+        keras.ops.full(keras.ops.shape(labelled), 2.0, dtype=scores.dtype),
     )
     scores = keras.ops.reshape(scores, (shards, block))
     _, classes = keras.ops.top_k(scores, kept)

@@ -22,6 +22,12 @@ Both runs use `keras_lsoftmax.LambdaScheduler(InverseDecay(...))` with
 `python tests/distribute_worker.py OUT.json KIND...` runs steps 2 to 4 only,
 once per head of the family named (`tests.family_heads.HEADS`), and writes
 {KIND: {"single": ..., "mirrored": ...}}.
+
+`python tests/distribute_worker.py OUT.json sampled` trains a
+`CosFaceDense(SAMPLED_CLASSES, sample_rate=SAMPLED_RATE)` head for two steps
+with plain SGD on one device and on the two replicas, and writes each run's
+kernel, losses and the rows each step moved, plus the error that the same
+training raises under `jit_compile=True` on the replicas.
 """
 
 import json
@@ -54,6 +60,11 @@ MARGIN = 4
 GLOBAL_BATCH = 32
 STEPS = 4
 LEARNING_RATE = 0.1
+# Global batch 32, 50 kept classes: with the replicas' labels not gathered,
+# each replica would keep its own 16 rows' classes and the union of the
+# replicas' kept rows would be larger than 50.
+SAMPLED_CLASSES = 200
+SAMPLED_RATE = 0.25
 # λ = 10 / (1 + 0.5 t): 6.67 at t = 1, 3.33 at t = 4, so the margin matters.
 SCHEDULE = dict(base=10.0, gamma=0.5, power=1.0)
 
@@ -112,6 +123,21 @@ class BatchLosses(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.losses.append(float(logs["loss"]))
+
+
+class RowsMoved(keras.callbacks.Callback):
+    """Records how many rows of `head`'s kernel each batch changed."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.moved = head, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before = keras.ops.convert_to_numpy(self.head.kernel)
+
+    def on_train_batch_end(self, batch, logs=None):
+        after = keras.ops.convert_to_numpy(self.head.kernel)
+        self.moved.append(int(np.sum(np.any(after != self.before, axis=1))))
 
 
 def replica_lambdas(strategy, layer) -> tuple[list[float], list[float], list[str]]:
@@ -206,11 +232,60 @@ def uneven_epoch(model_class, strategy) -> dict:
     }
 
 
+def sampled(strategy, jit_compile: bool = False) -> dict:
+    """Two SGD steps of a sampling CosFace head; see the module docstring."""
+    keras.utils.clear_session()
+    x = make_data()[0][: 2 * GLOBAL_BATCH]
+    y = np.random.default_rng(4).integers(0, SAMPLED_CLASSES, len(x))
+    y = y.astype("int32")
+    kernel = np.random.default_rng(5).normal(size=(SAMPLED_CLASSES, FEATURES))
+    with strategy.scope():
+        head = keras_lsoftmax.CosFaceDense(
+            SAMPLED_CLASSES, scale=16.0, sample_rate=SAMPLED_RATE, seed=3
+        )
+        model = keras_lsoftmax.Sequential([keras.Input((FEATURES,)), head])
+        head.kernel.assign(kernel.astype("float32"))
+        model.compile(
+            optimizer=keras.optimizers.SGD(LEARNING_RATE),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit_compile,
+        )
+    rows, losses = RowsMoved(head), BatchLosses()
+    # fit, not train_on_batch: Keras's train_on_batch hands every replica
+    # the whole batch instead of splitting it.
+    try:
+        model.fit(
+            x,
+            y,
+            batch_size=GLOBAL_BATCH,
+            shuffle=False,
+            verbose=0,
+            callbacks=[rows, losses],
+        )
+    except ValueError as error:
+        return {"error": str(error)}
+    return {
+        "kernel": keras.ops.convert_to_numpy(head.kernel).tolist(),
+        "rows_moved": rows.moved,
+        "labelled": [len(set(y[:GLOBAL_BATCH])), len(set(y[GLOBAL_BATCH:]))],
+        "losses": losses.losses,
+    }
+
+
 def main(out_path: str, kinds: list[str]) -> None:
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     # One strategy for every run: a second MirroredStrategy in the same
     # process would reuse the collective keys of the first.
     strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    if kinds == ["sampled"]:
+        result = {
+            "single": sampled(tf.distribute.get_strategy()),
+            "mirrored": sampled(strategy),
+            "mirrored_xla": sampled(strategy, jit_compile=True),
+        }
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+        return
     if kinds:
         result = {
             kind: {

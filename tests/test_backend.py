@@ -55,11 +55,11 @@ def test_the_backend_of_keras_is_used():
     assert module == f"keras_lsoftmax.backend.{keras.backend.backend()}.ops"
 
 
-def test_the_backend_module_exposes_ops_tracing_and_the_trainer():
+def test_the_backend_module_exposes_its_modules_and_the_trainer():
     name = keras.backend.backend()
     package = f"keras_lsoftmax.backend.{name}"
-    assert backend.ops.__name__ == f"{package}.ops"
-    assert backend.tracing.__name__ == f"{package}.tracing"
+    for short in ("ops", "replicas", "rows", "tracing"):
+        assert getattr(backend, short).__name__ == f"{package}.{short}"
     trainer = backend.MarginTrainer
     assert trainer.__name__ == _TRAINER_NAMES[name]
     assert trainer.__module__ == f"{package}.trainer"

@@ -21,7 +21,6 @@ The subprocess tests print their figures: run `pytest -s` to see them.
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,21 +32,13 @@ import pytest
 import keras_lsoftmax
 from keras_lsoftmax import schedules
 from tests.datasets import random_classification
+from tests.workers import ROOT
+from tests.workers import free_ports
+from tests.workers import worker_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distribute_worker.py")
 EXAMPLE = os.path.join(ROOT, "examples", "multi_worker.py")
 TIMEOUT = 100  # seconds, for each group of subprocesses
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env.pop("TF_CONFIG", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, env.get("PYTHONPATH")] if p)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU collectives, also on GPU machines
-    env.update(extra)
-    return env
 
 
 def _max_abs_diff(a, b):
@@ -67,7 +58,7 @@ def test_jax_data_parallel_matches_one_device():
         text=True,
         timeout=TIMEOUT,
         cwd=ROOT,
-        env=_env(
+        env=worker_env(
             KERAS_BACKEND="jax",
             XLA_FLAGS="--xla_force_host_platform_device_count=2",
         ),
@@ -90,7 +81,7 @@ def mirrored(tmp_path_factory):
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, WORKER, str(out)],
-        env=_env(),
+        env=worker_env(),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -194,17 +185,6 @@ def _load_example():
     return module
 
 
-def _free_ports(n):
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _tf_config(ports, index):
     return json.dumps(
         {
@@ -241,13 +221,13 @@ def _tail(path, n=3000):
 @pytest.fixture(scope="module")
 def multi_worker(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multi_worker")
-    ports = _free_ports(2)
+    ports = free_ports(2)
     out = tmp / "out"  # both workers get the same --out, as by hand
     commands, reports, logs = [], [], []
     for name, env in [
-        ("worker0", _env(TF_CONFIG=_tf_config(ports, 0))),
-        ("worker1", _env(TF_CONFIG=_tf_config(ports, 1))),
-        ("single", _env()),
+        ("worker0", worker_env(TF_CONFIG=_tf_config(ports, 0))),
+        ("worker1", worker_env(TF_CONFIG=_tf_config(ports, 1))),
+        ("single", worker_env()),
     ]:
         report = tmp / f"{name}.json"
         log_path = tmp / f"{name}.log"

@@ -41,8 +41,9 @@ from tests.test_models import BLOB_CLASSES
 from tests.test_models import _blobs
 from tests.test_ops import _central_differences
 from tests.test_ops import x64  # noqa: F401 (fixture)
+from tests.workers import ROOT
+from tests.workers import worker_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, D, C = 24, 6, 5  # batch, features, classes of the formula tests
 H = 16  # hidden units of the workflow models
 
@@ -716,16 +717,6 @@ def test_jit_compile_matches_eager(kind):
     assert compiled_logs["lsoftmax_lambda"] == eager_logs["lsoftmax_lambda"]
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env.pop("TF_CONFIG", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, env.get("PYTHONPATH")] if p)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env.update(extra)
-    return env
-
-
 @pytest.mark.tensorflow
 def test_mirrored_strategy_matches_one_device_for_every_head(tmp_path):
     out = tmp_path / "heads.json"
@@ -735,7 +726,7 @@ def test_mirrored_strategy_matches_one_device_for_every_head(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "distribute_worker.py"),
          str(out), *kinds],
-        env=_env(), capture_output=True, text=True, timeout=200,
+        env=worker_env(), capture_output=True, text=True, timeout=200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out) as f:
@@ -762,7 +753,7 @@ def test_jax_data_parallel_matches_one_device_for_every_head():
     result = subprocess.run(
         [sys.executable, "-m", "tests.data_parallel_worker", *FACTORIES],
         capture_output=True, text=True, timeout=200, cwd=ROOT,
-        env=_env(
+        env=worker_env(
             KERAS_BACKEND="jax",
             XLA_FLAGS="--xla_force_host_platform_device_count=2",
         ),

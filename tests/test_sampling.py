@@ -1,13 +1,20 @@
 """Tests of Partial-FC class sampling (`sample_rate`, `sampling` module).
 
 Covers the draw (labelled classes kept, S distinct classes, labels mapped to
-their positions, seeded reproducibility, each shard's own share), the head's sampled logits against
-the columns of its full logits, `fit` with a sampling head (kept rows only
-updated by plain SGD, equality with the unsampled run when every class is
-kept, learning 1000 classes at r = 0.1, XLA on TensorFlow), evaluation and
-prediction over all classes, and the argument's validation and config. Every
-test runs on each Keras backend unless marked.
+their positions, seeded reproducibility, each shard's own share), the head's
+sampled logits against the columns of its full logits, `fit` with a sampling
+head (kept rows only updated by plain SGD, equality with the unsampled run
+when every class is kept, learning 1000 classes at r = 0.1, XLA on
+TensorFlow), the classes of the global batch kept by two `MirroredStrategy`
+replicas and by two PyTorch DDP processes, evaluation and prediction over
+all classes, and the argument's validation and config. Every test runs on
+each Keras backend unless marked.
 """
+
+import json
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -15,7 +22,12 @@ import pytest
 
 import keras_lsoftmax
 from keras_lsoftmax import sampling
+from tests.workers import ROOT
+from tests.workers import free_ports
+from tests.workers import worker_env
 
+WORKER = os.path.join(ROOT, "tests", "distribute_worker.py")
+DDP_WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -282,3 +294,63 @@ def test_a_sampling_head_must_give_a_model_output():
     x, y = _blobs(20, 1, dim=4)
     with pytest.raises(ValueError, match="must be a model output"):
         model.fit(x, y, batch_size=20, epochs=1, verbose=0)
+
+
+@pytest.mark.tensorflow
+def test_mirrored_replicas_keep_the_global_batch_classes(tmp_path):
+    # Two replicas must keep the classes of the whole batch, and the same
+    # negatives: the step is then one device's step on that batch.
+    out = tmp_path / "sampled.json"
+    proc = subprocess.run(
+        [sys.executable, WORKER, str(out), "sampled"],
+        env=worker_env(), capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        result = json.load(f)
+    one, two = result["single"], result["mirrored"]
+    # 200 classes at r = 0.25: 50 rows per step, holding every label.
+    assert one["rows_moved"] == two["rows_moved"] == [50, 50]
+    assert min(one["labelled"]) >= 25
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two["kernel"], one["kernel"], rtol=0, atol=1e-5)
+    error = result["mirrored_xla"]["error"]
+    assert "sample_rate < 1 cannot train under XLA on 2" in error
+    assert "jit_compile=False" in error
+
+
+def _ddp_run(out, processes, port):
+    """Starts the processes of one `tests/ddp_worker.py` run."""
+    return [
+        subprocess.Popen(
+            [sys.executable, DDP_WORKER, str(out), str(rank), str(processes),
+             str(port)],
+            env=worker_env(KERAS_BACKEND="torch"), cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for rank in range(processes)
+    ]
+
+
+@pytest.mark.torch
+def test_ddp_processes_keep_the_global_batch_classes(tmp_path):
+    # Two DDP processes must keep the classes of the whole batch, also when
+    # their parts differ in size: one process's step on that batch.
+    port = free_ports(1)[0]
+    runs = {
+        "one": _ddp_run(tmp_path / "one.json", 1, 0),
+        "two": _ddp_run(tmp_path / "two.json", 2, port),
+    }
+    for procs in runs.values():
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=200)
+            assert proc.returncode == 0, stderr[-4000:]
+    one, two = (
+        json.loads((tmp_path / f"{name}.json").read_text()) for name in runs
+    )
+    # 200 classes at r = 0.25: 50 rows per step; the last step's parts are
+    # 20 and 12 rows.
+    assert one["rows_moved"] == two["rows_moved"] == [50, 50, 50]
+    assert min(one["labelled"]) >= 25
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two["kernel"], one["kernel"], rtol=0, atol=1e-5)

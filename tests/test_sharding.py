@@ -19,13 +19,14 @@ Run `pytest -s` to see the worker's report.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.workers import ROOT
+from tests.workers import worker_env
+
 TIMEOUT = 120  # seconds
 DEVICES = 4
 # The heads of tests/sharding_worker.py (not imported: it imports JAX).
@@ -34,15 +35,9 @@ HEADS = ["arcface_2_subcenters", "lsoftmax"]
 
 def _run_worker(tmp_path_factory, head):
     path = tmp_path_factory.mktemp("sharding") / "model.keras"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [ROOT, env.get("PYTHONPATH")] if p
-    )
-    env.update(
+    env = worker_env(
         KERAS_BACKEND="jax",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
-        CUDA_VISIBLE_DEVICES="",  # host devices, also on GPU machines
-        TF_CPP_MIN_LOG_LEVEL="2",
     )
     result = subprocess.run(
         [

@@ -3,8 +3,9 @@
 This is the one place that chooses a backend: `keras.backend.backend()`
 picks one at import, as Keras and keras-rs do: `tensorflow/`, `jax/` or
 `torch/`, each with an `ops` module (the margin op and its analytic
-gradient, see `keras_lsoftmax.ops` for the math), a `rows` module (the
-row updates of `keras_lsoftmax.optimizers`), a `tracing` module (a
+gradient, see `keras_lsoftmax.ops` for the math), a `replicas` module
+(the labels of the whole batch, for the class sampling), a `rows` module
+(the row updates of `keras_lsoftmax.optimizers`), a `tracing` module (a
 model call traced for its structure only, for the label routing) and a
 `trainer` module whose trainer class is named after the backend
 (`TensorFlowMarginTrainer`, `JaxMarginTrainer`, `TorchMarginTrainer`); it is
@@ -21,6 +22,7 @@ BACKEND = keras.backend.backend()
 # `ops` and `tracing` first: the trainer's imports read them from here.
 if BACKEND == "tensorflow":
     from keras_lsoftmax.backend.tensorflow import ops
+    from keras_lsoftmax.backend.tensorflow import replicas
     from keras_lsoftmax.backend.tensorflow import rows
     from keras_lsoftmax.backend.tensorflow import tracing
     from keras_lsoftmax.backend.tensorflow.trainer import (
@@ -28,6 +30,7 @@ if BACKEND == "tensorflow":
     )
 elif BACKEND == "jax":
     from keras_lsoftmax.backend.jax import ops
+    from keras_lsoftmax.backend.jax import replicas
     from keras_lsoftmax.backend.jax import rows
     from keras_lsoftmax.backend.jax import tracing
     from keras_lsoftmax.backend.jax.trainer import (
@@ -35,6 +38,7 @@ elif BACKEND == "jax":
     )
 elif BACKEND == "torch":
     from keras_lsoftmax.backend.torch import ops
+    from keras_lsoftmax.backend.torch import replicas
     from keras_lsoftmax.backend.torch import rows
     from keras_lsoftmax.backend.torch import tracing
     from keras_lsoftmax.backend.torch.trainer import (
@@ -46,4 +50,4 @@ else:
         f"'torch'. Received: KERAS_BACKEND={BACKEND!r}"
     )
 
-__all__ = ["BACKEND", "MarginTrainer", "ops", "rows", "tracing"]
+__all__ = ["BACKEND", "MarginTrainer", "ops", "replicas", "rows", "tracing"]
