@@ -25,9 +25,10 @@ once per head of the family named (`tests.family_heads.HEADS`), and writes
 
 `python tests/distribute_worker.py OUT.json sampled` trains a
 `CosFaceDense(SAMPLED_CLASSES, sample_rate=SAMPLED_RATE)` head for two steps
-with plain SGD on one device and on the two replicas, and writes each run's
-kernel, losses and the rows each step moved, plus the error that the same
-training raises under `jit_compile=True` on the replicas.
+on one device and on the two replicas, with plain SGD and with
+`keras_lsoftmax.optimizers.LazyAdam`, and writes each run's kernel, losses
+and the rows each step moved, plus the error that the SGD training raises
+under `jit_compile=True` on the replicas.
 """
 
 import json
@@ -232,8 +233,8 @@ def uneven_epoch(model_class, strategy) -> dict:
     }
 
 
-def sampled(strategy, jit_compile: bool = False) -> dict:
-    """Two SGD steps of a sampling CosFace head; see the module docstring."""
+def sampled(strategy, jit_compile: bool = False, lazy: bool = False) -> dict:
+    """Two steps of a sampling CosFace head; see the module docstring."""
     keras.utils.clear_session()
     x = make_data()[0][: 2 * GLOBAL_BATCH]
     y = np.random.default_rng(4).integers(0, SAMPLED_CLASSES, len(x))
@@ -245,8 +246,13 @@ def sampled(strategy, jit_compile: bool = False) -> dict:
         )
         model = keras_lsoftmax.Sequential([keras.Input((FEATURES,)), head])
         head.kernel.assign(kernel.astype("float32"))
+        optimizer = (
+            keras_lsoftmax.optimizers.LazyAdam(LEARNING_RATE)
+            if lazy
+            else keras.optimizers.SGD(LEARNING_RATE)
+        )
         model.compile(
-            optimizer=keras.optimizers.SGD(LEARNING_RATE),
+            optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=jit_compile,
         )
@@ -282,6 +288,8 @@ def main(out_path: str, kinds: list[str]) -> None:
             "single": sampled(tf.distribute.get_strategy()),
             "mirrored": sampled(strategy),
             "mirrored_xla": sampled(strategy, jit_compile=True),
+            "single_lazy": sampled(tf.distribute.get_strategy(), lazy=True),
+            "mirrored_lazy": sampled(strategy, lazy=True),
         }
         with open(out_path, "w") as f:
             json.dump(result, f)
