@@ -98,7 +98,10 @@ from benchmarks.common import Progress  # noqa: E402
 from benchmarks.common import add_run_arguments  # noqa: E402
 from benchmarks.common import check_backend  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import OPTIMIZERS  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
+from benchmarks.common import make_optimizer  # noqa: E402
+from benchmarks.common import optimizer_words  # noqa: E402
 from benchmarks.common import parse_smoke  # noqa: E402
 from benchmarks.common import peak_rss_mb  # noqa: E402
 from benchmarks.common import random_batch_fitter  # noqa: E402
@@ -116,14 +119,6 @@ HEADS = {
     "sphereface": keras_lsoftmax.SphereFaceDense,
     "cosface": keras_lsoftmax.CosFaceDense,
     "arcface": keras_lsoftmax.ArcFaceDense,
-}
-OPTIMIZERS = {
-    "adam": keras.optimizers.Adam,
-    "lazyadam": keras_lsoftmax.optimizers.LazyAdam,
-    "sgd": keras.optimizers.SGD,
-    "momentum": lambda learning_rate: keras.optimizers.SGD(
-        learning_rate, momentum=0.9
-    ),
 }
 # Heads whose margin is an integer multiplier of the angle.
 ANGULAR_HEADS = ("lsoftmax", "sphereface")
@@ -312,11 +307,10 @@ def build_model(
         model = keras_lsoftmax.Sequential(
             [*backbone, make_head(head, args, float(rate))]
         )
-    optimizer = args.optimizer
-    if config == "dense" and optimizer == "lazyadam":
-        optimizer = "adam"  # the same update where every row is touched
     model.compile(
-        optimizer=OPTIMIZERS[optimizer](args.learning_rate),
+        optimizer=make_optimizer(
+            args.optimizer, args.learning_rate, dense=config == "dense"
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics,
         jit_compile=True if args.jit_compile else "auto",
@@ -581,18 +575,12 @@ def _describe_model(args: argparse.Namespace) -> str:
     )  # fmt: skip
     return (
         f"model: Input({args.input_dim}) → Dense({args.dim}, relu) → head, "
-        f"features trained; heads: {heads}; optimizer: {optimizer_words(args)} "
+        f"features trained; heads: {heads}; optimizer: "
+        f"{optimizer_words(args.optimizer)} "
         f"(learning rate {args.learning_rate:g}); loss: sparse "
         f"cross-entropy from logits; B = {args.batch}; seed {args.seed}; "
         f"jit_compile={'True' if args.jit_compile else 'auto'}"
     )
-
-
-def optimizer_words(args: argparse.Namespace) -> str:
-    """`--optimizer` as the description names it."""
-    if args.optimizer == "lazyadam":
-        return "lazyadam (Dense: adam)"
-    return args.optimizer
 
 
 def describe_time(args: argparse.Namespace) -> str:

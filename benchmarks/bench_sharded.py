@@ -16,7 +16,7 @@ configuration (`--configs`, default both) runs in a process of its own, with
 
 - `sharded`: the recipe of `docs/sharding.md`, a `DeviceMesh((1, N),
   ["batch", "model"])` and `layout_map[".*head/kernel"] = ("model", None)`:
-  each device holds C/N rows of the kernel and of the Adam state, and the
+  each device holds C/N rows of the kernel and of the optimizer state, and the
   logits are computed C/N columns per device;
 - `unsharded`: no distribution; everything on the first device;
 - `sharded_dense`, `unsharded_dense` (not in the default run): the same with
@@ -31,7 +31,7 @@ The model, with the same seeded initial weights in both:
         keras_lsoftmax.LSoftmaxDense(--classes, margin=--margin,
                                      sample_rate=--sample-rate, name="head"),
     ])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),  # --optimizer
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
 The features are trained (the backbone's gradient goes through the head).
@@ -77,11 +77,14 @@ if __name__ == "__main__":
 import keras  # noqa: E402
 
 import keras_lsoftmax  # noqa: E402
+from benchmarks.common import OPTIMIZERS  # noqa: E402
 from benchmarks.common import HelpFormatter  # noqa: E402
 from benchmarks.common import Progress  # noqa: E402
 from benchmarks.common import add_run_arguments  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
+from benchmarks.common import make_optimizer  # noqa: E402
+from benchmarks.common import optimizer_words  # noqa: E402
 from benchmarks.common import parse_smoke  # noqa: E402
 from benchmarks.common import peak_rss_mb  # noqa: E402
 from benchmarks.common import random_batch_fitter  # noqa: E402
@@ -115,6 +118,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sample-rate", type=float, default=1.0,
         help="Partial-FC sample rate r of the head (1: every class)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--optimizer", choices=sorted(OPTIMIZERS), default="adam",
+        help="adam: Adam; lazyadam: keras_lsoftmax.optimizers.LazyAdam for "
+        "the L-Softmax head's model (the Dense models keep Adam, the same "
+        "update where every row is touched); sgd; momentum: SGD with "
+        "momentum 0.9",
     )  # fmt: skip
     parser.add_argument(
         "--devices", type=int, default=4,
@@ -187,7 +197,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         ]
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=make_optimizer(args.optimizer, 1e-3, dense=dense),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     fit = random_batch_fitter(model, args)
@@ -263,7 +273,8 @@ def describe(args: argparse.Namespace) -> str:
     return (
         f"C = {args.classes}; B = {args.batch}; D = {args.dim}; a trained "
         f"Dense({args.input_dim} → {args.dim}) backbone; L-Softmax m = "
-        f"{args.margin}, r = {args.sample_rate:g}; Adam(1e-3); "
+        f"{args.margin}, r = {args.sample_rate:g}; optimizer: "
+        f"{optimizer_words(args.optimizer)} (learning rate 1e-3); "
         f"{args.devices} host devices; {args.repeats} fits of {args.steps} "
         f"batches after one of {args.warmup}; peak memory: ru_maxrss of "
         "each configuration's process"

@@ -75,6 +75,34 @@ def add_timing_arguments(
     )
 
 
+OPTIMIZERS = {
+    "adam": keras.optimizers.Adam,
+    "lazyadam": keras_lsoftmax.optimizers.LazyAdam,
+    "sgd": keras.optimizers.SGD,
+    "momentum": lambda learning_rate: keras.optimizers.SGD(
+        learning_rate, momentum=0.9
+    ),
+}
+
+
+def make_optimizer(
+    name: str, learning_rate: float, dense: bool = False
+) -> keras.optimizers.Optimizer:
+    """The `OPTIMIZERS` entry `name`; a Dense model keeps Adam for lazyadam.
+
+    LazyAdam's update is Adam's where every row has a gradient, as in a
+    Dense head's step, so the Dense baseline runs Keras's own Adam.
+    """
+    if dense and name == "lazyadam":
+        name = "adam"
+    return OPTIMIZERS[name](learning_rate)
+
+
+def optimizer_words(name: str) -> str:
+    """The optimizer `name` as a run's description names it."""
+    return "lazyadam (Dense: adam)" if name == "lazyadam" else name
+
+
 def add_run_arguments(
     parser: argparse.ArgumentParser, seed_help: str, smoke: dict[str, Any]
 ) -> None:
