@@ -29,6 +29,12 @@ on one device and on the two replicas, with plain SGD and with
 `keras_lsoftmax.optimizers.LazyAdam`, and writes each run's kernel, losses
 and the rows each step moved, plus the error that the SGD training raises
 under `jit_compile=True` on the replicas.
+
+`python tests/distribute_worker.py OUT.json multi_worker_sampled` trains the
+same sampling head, with SGD and with LazyAdam, under
+`MultiWorkerMirroredStrategy` when `TF_CONFIG` names a cluster (one replica
+per worker, the batch split between the workers), and on this process alone
+without it; it writes {"sgd": ..., "lazy": ...} and the number of replicas.
 """
 
 import json
@@ -278,7 +284,31 @@ def sampled(strategy, jit_compile: bool = False, lazy: bool = False) -> dict:
     }
 
 
+def multi_worker_sampled(out_path: str) -> None:
+    """The `multi_worker_sampled` mode; see the module docstring."""
+    if "TF_CONFIG" in os.environ:
+        # Created before any other strategy, as the workers must agree on
+        # their collective keys.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=tf.distribute.experimental.CommunicationImplementation.RING
+            )
+        )
+    else:
+        strategy = tf.distribute.get_strategy()
+    result = {
+        "replicas": strategy.num_replicas_in_sync,
+        "sgd": sampled(strategy),
+        "lazy": sampled(strategy, lazy=True),
+    }
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
 def main(out_path: str, kinds: list[str]) -> None:
+    if kinds == ["multi_worker_sampled"]:
+        multi_worker_sampled(out_path)
+        return
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     # One strategy for every run: a second MirroredStrategy in the same
     # process would reuse the collective keys of the first.

@@ -34,6 +34,7 @@ from keras_lsoftmax import schedules
 from tests.datasets import random_classification
 from tests.workers import ROOT
 from tests.workers import free_ports
+from tests.workers import tf_config
 from tests.workers import worker_env
 
 WORKER = os.path.join(ROOT, "tests", "distribute_worker.py")
@@ -185,15 +186,6 @@ def _load_example():
     return module
 
 
-def _tf_config(ports, index):
-    return json.dumps(
-        {
-            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-            "task": {"type": "worker", "index": index},
-        }
-    )
-
-
 def _run_together(commands, timeout):
     """Starts every (argv, env, log) at once; kills them all at the end."""
     procs = []
@@ -225,8 +217,8 @@ def multi_worker(tmp_path_factory):
     out = tmp / "out"  # both workers get the same --out, as by hand
     commands, reports, logs = [], [], []
     for name, env in [
-        ("worker0", worker_env(TF_CONFIG=_tf_config(ports, 0))),
-        ("worker1", worker_env(TF_CONFIG=_tf_config(ports, 1))),
+        ("worker0", worker_env(TF_CONFIG=tf_config(ports, 0))),
+        ("worker1", worker_env(TF_CONFIG=tf_config(ports, 1))),
         ("single", worker_env()),
     ]:
         report = tmp / f"{name}.json"

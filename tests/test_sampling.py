@@ -6,7 +6,8 @@ sampled logits against the columns of its full logits, `fit` with a sampling
 head (kept rows only updated by plain SGD, equality with the unsampled run
 when every class is kept, learning 1000 classes at r = 0.1, XLA on
 TensorFlow), the classes of the global batch kept by two `MirroredStrategy`
-replicas and by two PyTorch DDP processes, evaluation and prediction over
+replicas, by two `MultiWorkerMirroredStrategy` workers and by two PyTorch DDP
+processes, evaluation and prediction over
 all classes, and the argument's validation and config. Every test runs on
 each Keras backend unless marked.
 """
@@ -24,6 +25,7 @@ import keras_lsoftmax
 from keras_lsoftmax import sampling
 from tests.workers import ROOT
 from tests.workers import free_ports
+from tests.workers import tf_config
 from tests.workers import worker_env
 
 WORKER = os.path.join(ROOT, "tests", "distribute_worker.py")
@@ -323,6 +325,54 @@ def test_mirrored_replicas_keep_the_global_batch_classes(tmp_path):
     error = result["mirrored_xla"]["error"]
     assert "sample_rate < 1 cannot train under XLA on 2" in error
     assert "jit_compile=False" in error
+
+
+@pytest.mark.tensorflow
+def test_multi_worker_replicas_keep_the_global_batch_classes(tmp_path):
+    # Two workers of one cluster, one replica each: the labels are gathered
+    # across processes, as across the devices of a MirroredStrategy.
+    ports = free_ports(2)
+    envs = {
+        "worker0": worker_env(TF_CONFIG=tf_config(ports, 0)),
+        "worker1": worker_env(TF_CONFIG=tf_config(ports, 1)),
+        "single": worker_env(),
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, WORKER, str(tmp_path / f"{name}.json"),
+             "multi_worker_sampled"],
+            env=env, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for name, env in envs.items()
+    }
+    try:
+        for proc in procs.values():
+            _, stderr = proc.communicate(timeout=200)
+            assert proc.returncode == 0, stderr[-4000:]
+    finally:
+        for proc in procs.values():  # a failed worker leaves the other waiting
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    chief, other, single = (
+        json.loads((tmp_path / f"{name}.json").read_text()) for name in procs
+    )
+    assert [r["replicas"] for r in (chief, other, single)] == [2, 2, 1]
+    for optimizer in ("sgd", "lazy"):
+        one, runs = single[optimizer], (chief[optimizer], other[optimizer])
+        assert min(one["labelled"]) >= 25
+        for run in runs:
+            # 50 rows per step, as on one worker; each worker's own 16
+            # labels would keep more than 60.
+            assert run["rows_moved"] == one["rows_moved"] == [50, 50]
+            np.testing.assert_allclose(
+                run["losses"], one["losses"], rtol=1e-5, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                run["kernel"], one["kernel"], rtol=0, atol=1e-5
+            )
+        np.testing.assert_array_equal(runs[0]["kernel"], runs[1]["kernel"])
 
 
 def _ddp_run(out, processes, port):

@@ -4,6 +4,7 @@ TensorFlow fixes its devices, and JAX its host devices, when they start, so
 the tests of several devices run their half in a fresh Python process.
 """
 
+import json
 import os
 import socket
 
@@ -38,3 +39,13 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def tf_config(ports: list[int], index: int) -> str:
+    """The `TF_CONFIG` of worker `index` of a cluster on 127.0.0.1:`ports`."""
+    return json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
