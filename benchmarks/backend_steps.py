@@ -301,16 +301,31 @@ class JaxVariant(Variant):
             )
             return loss, (trainable, non_trainable, optimizer_vars)
 
+        self.compiled = jax.jit(step, donate_argnums=0)
         self.steps = {
-            True: functools.partial(
-                self._advance, jax.jit(step, donate_argnums=0)
-            ),
+            True: functools.partial(self._advance, self.compiled),
             False: functools.partial(self._advance, step),
         }
 
     def _advance(self, step: Callable[..., Any]) -> Any:
         loss, self.state = step(self.state, self.frozen_x, self.y)
         return loss
+
+    def compiled_step_bytes(self) -> int:
+        """The bytes XLA allocates for one compiled step beyond its inputs.
+
+        Its preallocated temporaries plus the outputs that do not reuse a
+        donated input, from the buffer assignment of the compiled step.
+        """
+        compiled = self.compiled.lower(
+            self.state, self.frozen_x, self.y
+        ).compile()
+        memory = compiled.memory_analysis()
+        return int(
+            memory.temp_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
 
     def sync(self, loss: Any) -> float:
         jax.block_until_ready(self.state)

@@ -126,6 +126,13 @@ probed steps is reported. Two methods (`--memory`):
   regions and does not split a free chunk smaller than twice the request,
   so its peaks come out as 64 or 128 MiB depending on allocation history;
   hence not used.)
+- `xla` (JAX only): the bytes XLA's buffer assignment gives the compiled
+  step (`memory_analysis()` of `jax.jit(step).lower(...).compile()`): its
+  preallocated temporaries plus the outputs that do not reuse a donated
+  input, which is what the step allocates on any device, without
+  running it. Rows that are not compiled get no figure. Exact and
+  repeatable, where the `rss` probe of a compiled JAX step depends on which
+  pages malloc hands back from the previous step.
 - `none` skips the probe.
 
 Output: a Markdown table on stdout (one per feature setting, each under a
@@ -254,13 +261,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "same rounds (default: %(default)s)",
     )
     parser.add_argument(
-        "--memory", choices=("auto", "allocator", "rss", "none"),
+        "--memory", choices=("auto", "allocator", "rss", "xla", "none"),
         default="auto",
         help="peak-memory probe: allocator = TF allocator statistics in this "
         "process (TensorFlow on GPU); rss = resident-set high-water mark in a "
-        "child process (CPU, Linux); auto (default) = allocator where the "
-        "device has statistics, else rss where the step runs on the CPU, "
-        "else none",
+        "child process (CPU, Linux); xla = the buffer assignment of JAX's "
+        "compiled step (compiled rows only); auto (default) = allocator "
+        "where the device has statistics, else rss where the step runs on "
+        "the CPU, else none",
     )
     parser.add_argument(
         "--memory-probes", type=int, default=3,
@@ -577,6 +585,11 @@ def memory_method(args: argparse.Namespace) -> str:
             f"{args.device} ({args.backend} backend; only TensorFlow's are "
             "read); use --memory rss"
         )
+    if method == "xla" and args.backend != "jax":
+        raise SystemExit(
+            "--memory xla reads the buffer assignment of JAX's compiled step; "
+            f"it is not available on the {args.backend} backend"
+        )
     if method == "rss" and not rss_probe_available():
         print(
             "warning: --memory rss needs Linux's /proc/self/clear_refs and "
@@ -603,6 +616,12 @@ def time_one_c(
             for key, peak in probe_memory(
                 variants, modes, args, "allocator"
             ).items()
+        }
+    if method == "xla" and True in modes:
+        peaks = {
+            (num_classes, *key, True): variant.compiled_step_bytes()
+            for key, variant in variants.items()
+            if True in variant.available(modes)
         }
     rows = []
     for features in args.features:
@@ -707,6 +726,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "rss": "VmHWM after the step minus VmRSS before it (VmHWM "
                 "reset via /proc/self/clear_refs), in one child process with "
                 "MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0",
+                "xla": "XLA's buffer assignment of the compiled step "
+                "(jax.jit(...).lower(...).compile().memory_analysis()): its "
+                "temporaries plus the outputs that do not reuse a donated "
+                "input; steps that are not compiled are not measured",
                 "none": "not measured",
             }[method],
             "memory_probes": args.memory_probes,

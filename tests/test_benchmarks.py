@@ -535,6 +535,36 @@ def _progress_lines(err):
     return [line for line in err.splitlines() if line.startswith("[")]
 
 
+@pytest.mark.jax
+def test_bench_head_xla_memory_of_the_compiled_step(tmp_path, capsys):
+    def run(name):
+        out = tmp_path / name
+        bench_head.main(
+            [*_HEAD_TINY, "--variants", "dense", "cosface", "--memory", "xla",
+             "--out", str(out)]
+        )  # fmt: skip
+        return json.loads(out.read_text())
+
+    first, second = run("first.json"), run("second.json")
+    assert first["config"]["memory_method"] == "xla"
+    peaks = {(r["variant"], r["jit"]): r["peak_bytes"] for r in first["rows"]}
+    # The compiled step's buffers hold at least the (B, C) logits; the steps
+    # that are not compiled have no buffer assignment to read.
+    for name in ("dense", "cosface"):
+        assert peaks[(name, True)] >= 8 * 12 * 4
+        assert peaks[(name, False)] is None
+    # Read from the compiled program, not sampled: the same in every run.
+    assert peaks == {
+        (r["variant"], r["jit"]): r["peak_bytes"] for r in second["rows"]
+    }
+
+
+@pytest.mark.tensorflow
+def test_bench_head_xla_memory_is_jax_only(capsys):
+    with pytest.raises(SystemExit, match="not available on the tensorflow"):
+        bench_head.main([*_HEAD_TINY, "--memory", "xla"])
+
+
 def test_bench_head_smoke(tmp_path, capsys):
     out = tmp_path / "smoke.json"
     # torch.compile takes minutes on a small CPU: eager there.
