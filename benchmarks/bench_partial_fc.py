@@ -15,7 +15,8 @@ is read from the command line before Keras is imported.
 
 Time and memory (the default mode). The models, with `--optimizer`
 (default Adam, learning rate 1e-3; `lazyadam` gives the heads' models
-`keras_lsoftmax.optimizers.LazyAdam` and Dense Keras's Adam) and
+`keras_lsoftmax.optimizers.LazyAdam` and Dense Keras's Adam, `lazymomentum`
+`LazySGD` and SGD, both with momentum 0.9) and
 `SparseCategoricalCrossentropy(from_logits=True)`, features trained:
 
 - `dense`: `keras.Sequential([Input((--input-dim,)), Dense(--dim,
@@ -99,6 +100,7 @@ from benchmarks.common import add_run_arguments  # noqa: E402
 from benchmarks.common import check_backend  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from benchmarks.common import OPTIMIZERS  # noqa: E402
+from benchmarks.common import OPTIMIZER_HELP  # noqa: E402
 from benchmarks.common import fmt  # noqa: E402
 from benchmarks.common import make_optimizer  # noqa: E402
 from benchmarks.common import optimizer_words  # noqa: E402
@@ -220,11 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--optimizer", choices=sorted(OPTIMIZERS), default="adam",
-        help="adam: Adam; lazyadam: keras_lsoftmax.optimizers.LazyAdam for "
-        "the heads' models (kept rows only updated) and Adam for Dense, "
-        "whose gradient touches every row; sgd: plain SGD (TensorFlow "
-        "updates the kept rows only); momentum: SGD with momentum 0.9, as "
-        "partial_fc_v2.py trains",
+        help=OPTIMIZER_HELP,
     )
     parser.add_argument(
         "--learning-rate", type=float, default=1e-3,

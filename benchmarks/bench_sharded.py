@@ -78,6 +78,7 @@ import keras  # noqa: E402
 
 import keras_lsoftmax  # noqa: E402
 from benchmarks.common import OPTIMIZERS  # noqa: E402
+from benchmarks.common import OPTIMIZER_HELP  # noqa: E402
 from benchmarks.common import HelpFormatter  # noqa: E402
 from benchmarks.common import Progress  # noqa: E402
 from benchmarks.common import add_run_arguments  # noqa: E402
@@ -121,10 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--optimizer", choices=sorted(OPTIMIZERS), default="adam",
-        help="adam: Adam; lazyadam: keras_lsoftmax.optimizers.LazyAdam for "
-        "the L-Softmax head's model (the Dense models keep Adam, the same "
-        "update where every row is touched); sgd; momentum: SGD with "
-        "momentum 0.9",
+        help=OPTIMIZER_HELP,
     )  # fmt: skip
     parser.add_argument(
         "--devices", type=int, default=4,

@@ -82,25 +82,41 @@ OPTIMIZERS = {
     "momentum": lambda learning_rate: keras.optimizers.SGD(
         learning_rate, momentum=0.9
     ),
+    "lazymomentum": lambda learning_rate: keras_lsoftmax.optimizers.LazySGD(
+        learning_rate, momentum=0.9
+    ),
 }
+
+OPTIMIZER_HELP = (
+    "adam: Adam; lazyadam: keras_lsoftmax.optimizers.LazyAdam for the "
+    "margin heads' models and Adam for the Dense ones, the same update "
+    "where every row has a gradient; sgd: plain SGD (TensorFlow updates the "
+    "kept rows only); momentum: SGD with momentum 0.9, as insightface's "
+    "partial_fc_v2.py trains; lazymomentum: keras_lsoftmax.optimizers."
+    "LazySGD with momentum 0.9 for the margin heads' models and momentum for "
+    "the Dense ones"
+)
+
+# A lazy optimizer's update is its Keras counterpart's where every row has a
+# gradient, as in a Dense head's step: the Dense baseline runs Keras's own.
+_DENSE_COUNTERPARTS = {"lazyadam": "adam", "lazymomentum": "momentum"}
 
 
 def make_optimizer(
     name: str, learning_rate: float, dense: bool = False
 ) -> keras.optimizers.Optimizer:
-    """The `OPTIMIZERS` entry `name`; a Dense model keeps Adam for lazyadam.
-
-    LazyAdam's update is Adam's where every row has a gradient, as in a
-    Dense head's step, so the Dense baseline runs Keras's own Adam.
-    """
-    if dense and name == "lazyadam":
-        name = "adam"
+    """The `OPTIMIZERS` entry `name`; a Dense model gets the Keras
+    counterpart of a lazy optimizer."""
+    if dense:
+        name = _DENSE_COUNTERPARTS.get(name, name)
     return OPTIMIZERS[name](learning_rate)
 
 
 def optimizer_words(name: str) -> str:
     """The optimizer `name` as a run's description names it."""
-    return "lazyadam (Dense: adam)" if name == "lazyadam" else name
+    if name in _DENSE_COUNTERPARTS:
+        return f"{name} (Dense: {_DENSE_COUNTERPARTS[name]})"
+    return name
 
 
 def add_run_arguments(

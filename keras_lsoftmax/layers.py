@@ -157,8 +157,8 @@ class MarginDense(keras.layers.Layer):
         kernel_constraint: constraint for the kernel (rows, input_dim).
         sample_rate: float in (0, 1], the Partial-FC sample rate r
             (default 1: every class, no sampling). Train a sampling head
-            with `keras_lsoftmax.optimizers.LazyAdam`, which updates the
-            kept rows only (docs/partial-fc.md).
+            with `keras_lsoftmax.optimizers.LazyAdam` or `LazySGD`, which
+            update the kept rows only (docs/partial-fc.md).
         seed: optional int, the seed of the layer's
             `keras.random.SeedGenerator` for the sampled negatives (with
             None, drawn from Keras's global seed, which

@@ -1,12 +1,12 @@
-"""Lazy Adam: Adam that updates only the rows a step's gradient touches.
+"""Lazy optimizers: they update only the rows a step's gradient touches.
 
 With Partial-FC sampling (`sample_rate` < 1) a head's kernel gets a gradient
-in the S kept rows only. Keras's `Adam` still moves every row every step, by
-the momentum of earlier steps, and passes over the whole (C, D) kernel and
-its two moments. `LazyAdam` leaves the rows whose gradient is zero as they
-are, with their moments, as TensorFlow Addons' `LazyAdam` and PyTorch's
-`SparseAdam` do, and as insightface's first Partial FC updated the
-momentum of the sampled rows only.
+in the S kept rows only. Keras's `Adam`, and its `SGD` with momentum, still
+move every row every step, by the momentum of earlier steps, and pass over
+the whole (C, D) kernel and its slots. `LazyAdam` and `LazySGD` leave the
+rows whose gradient is zero as they are, with their slots, as TensorFlow
+Addons' `LazyAdam` and PyTorch's `SparseAdam` do, and as insightface's first
+Partial FC updated the momentum of the sampled rows only.
 """
 
 from typing import Any
@@ -75,13 +75,7 @@ class LazyAdam(keras.optimizers.Optimizer):
         name: str = "lazy_adam",
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("weight_decay") is not None:
-            raise ValueError(
-                "LazyAdam does not take `weight_decay`: Keras applies it to "
-                "every row of a variable, also the rows a step does not "
-                "update. Received: weight_decay="
-                f"{kwargs['weight_decay']!r}"
-            )
+        _check_no_weight_decay("LazyAdam", kwargs)
         for arg, value in (("beta_1", beta_1), ("beta_2", beta_2)):
             if not _is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(
@@ -163,8 +157,124 @@ class LazyAdam(keras.optimizers.Optimizer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="keras_lsoftmax")
+class LazySGD(keras.optimizers.Optimizer):
+    """SGD with momentum that updates only the rows with a non-zero gradient.
+
+    Each step, a variable's rows whose gradient is not all zero get the
+    update of `keras.optimizers.SGD` (with momentum, Nesterov's if asked);
+    the other rows keep their values and their momentum. A variable whose
+    gradient touches every row is updated as by `keras.optimizers.SGD`. A
+    vector's rows are its entries. This is the update of insightface's
+    first Partial FC, which trains with SGD and momentum 0.9.
+
+    Where the step runs op by op (TensorFlow without XLA, PyTorch without
+    `torch.compile`), the touched rows are gathered, updated and written
+    back. Compiled (XLA, `jax.jit`, `torch.compile`), every row is computed
+    in one fused pass and the untouched rows keep their values.
+
+    Args:
+        learning_rate: float, a `keras.optimizers.schedules` schedule or a
+            callable; as for `keras.optimizers.SGD`.
+        momentum: float in [0, 1). 0 is plain SGD, which moves only the
+            rows with a gradient anyway; `LazySGD` then still saves the
+            passes over the other rows where the step runs op by op.
+        nesterov: bool, whether to apply Nesterov momentum.
+        **kwargs: the other arguments of `keras.optimizers.Optimizer`
+            (`clipnorm`, `global_clipnorm`, `use_ema`, `loss_scale_factor`,
+            `gradient_accumulation_steps`, `name`, ...), except
+            `weight_decay`: Keras applies it to every row, which is not lazy.
+
+    Example:
+
+    ```python
+    model = keras_lsoftmax.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(128, activation="relu"),
+        keras_lsoftmax.CosFaceDense(1_000_000, sample_rate=0.1),
+    ])
+    model.compile(
+        optimizer=keras_lsoftmax.optimizers.LazySGD(0.1, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    ```
+
+    Reference:
+        An et al., "Partial FC: Training 10 Million Identities on a Single
+        Machine", ICCVW 2021.
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        name: str = "lazy_sgd",
+        **kwargs: Any,
+    ) -> None:
+        _check_no_weight_decay("LazySGD", kwargs)
+        if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
+            raise ValueError(
+                "Received an invalid value for `momentum`, expected a float "
+                f"in [0, 1). Received: momentum={momentum!r}"
+            )
+        if not isinstance(nesterov, bool):
+            raise ValueError(
+                "Received an invalid value for `nesterov`, expected a bool. "
+                f"Received: nesterov={nesterov!r}"
+            )
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.momentum = float(momentum)
+        self.nesterov = nesterov
+
+    def build(self, var_list: list[keras.Variable]) -> None:
+        """Creates the momentum of every variable (with momentum > 0), named
+        as SGD's."""
+        if self.built:
+            return
+        super().build(var_list)
+        self.momentums = []
+        if self.momentum != 0:
+            self.momentums = self.add_optimizer_variables(var_list, "momentum")
+
+    def update_step(
+        self, gradient: Any, variable: keras.Variable, learning_rate: Any
+    ) -> None:
+        rate = keras.ops.cast(learning_rate, variable.dtype)
+        if not self.momentums:
+            backend.rows.update_rows(
+                self, lambda g, value: [value - g * rate], gradient, [variable]
+            )
+            return
+        momentum = keras.ops.cast(self.momentum, variable.dtype)
+
+        def sgd(g: Any, value: Any, m: Any) -> list:
+            # Keras's SGD's arithmetic, in its order.
+            m = m * momentum - g * rate
+            step = m * momentum - g * rate if self.nesterov else m
+            return [value + step, m]
+
+        # See `LazyAdam.update_step` for `_get_variable_index`.
+        m = self.momentums[self._get_variable_index(variable)]
+        backend.rows.update_rows(self, sgd, gradient, [variable, m])
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({"momentum": self.momentum, "nesterov": self.nesterov})
+        return config
+
+
+def _check_no_weight_decay(optimizer: str, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("weight_decay") is not None:
+        raise ValueError(
+            f"{optimizer} does not take `weight_decay`: Keras applies it to "
+            "every row of a variable, also the rows a step does not update. "
+            f"Received: weight_decay={kwargs['weight_decay']!r}"
+        )
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["LazyAdam"]
+__all__ = ["LazyAdam", "LazySGD"]

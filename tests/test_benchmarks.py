@@ -28,11 +28,13 @@ from benchmarks import bench_head
 from benchmarks import bench_mnist
 from benchmarks import bench_partial_fc
 from benchmarks import bench_sharded
+from benchmarks import common
 from benchmarks import report
 from benchmarks.backend_choice import select_backend
 from benchmarks.common import duration
 from benchmarks.common import sample_stats
 from keras_lsoftmax import ops
+from keras_lsoftmax.optimizers import LazySGD
 
 _ROW_KEYS = {
     "classes",
@@ -533,6 +535,21 @@ def test_duration():
 
 def _progress_lines(err):
     return [line for line in err.splitlines() if line.startswith("[")]
+
+
+def test_lazy_optimizers_and_their_dense_counterparts():
+    lazy = common.make_optimizer("lazymomentum", 0.1)
+    assert isinstance(lazy, LazySGD)
+    assert lazy.momentum == 0.9
+    dense = common.make_optimizer("lazymomentum", 0.1, dense=True)
+    assert type(dense) is keras.optimizers.SGD and dense.momentum == 0.9
+    assert type(common.make_optimizer("lazyadam", 0.1, dense=True)) is (
+        keras.optimizers.Adam
+    )
+    assert common.optimizer_words("lazymomentum") == (
+        "lazymomentum (Dense: momentum)"
+    )
+    assert common.optimizer_words("sgd") == "sgd"
 
 
 @pytest.mark.jax

@@ -1,11 +1,12 @@
-"""Tests of `keras_lsoftmax.optimizers.LazyAdam`.
+"""Tests of `keras_lsoftmax.optimizers`: `LazyAdam` and `LazySGD`.
 
-Covers Adam's update where the gradient touches every row (with and without
-AMSGrad), the rows a gradient leaves at zero kept with their moments
-against a NumPy reference, a `tf.IndexedSlices` gradient with a repeated
-row, `fit` of a sampling head (only the kept rows move, op by op and
-compiled), the argument's validation, the config and a `.keras` round trip.
-Every test runs on each Keras backend unless marked.
+Covers Adam's and SGD's updates where the gradient touches every row (with
+and without AMSGrad; without momentum, with it, and Nesterov's), the rows a
+gradient leaves at zero kept with their slots against NumPy references, a
+`tf.IndexedSlices` gradient with a repeated row, `fit` of a sampling head
+(only the kept rows move, op by op and compiled), the arguments'
+validation, the configs and a `.keras` round trip. Every test runs on each
+Keras backend unless marked.
 """
 
 import keras
@@ -14,6 +15,7 @@ import pytest
 
 import keras_lsoftmax
 from keras_lsoftmax.optimizers import LazyAdam
+from keras_lsoftmax.optimizers import LazySGD
 
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -53,6 +55,19 @@ def _lazy_adam_reference(initial, grads, lr, amsgrad=False):
     return value
 
 
+def _lazy_sgd_reference(initial, grads, lr, nesterov):
+    """NumPy float64 lazy SGD with momentum 0.9, Keras's SGD row by row."""
+    value = initial.astype("float64")
+    m = np.zeros_like(value)
+    for grad in grads:
+        rows = np.any(grad != 0, axis=1)
+        new_m = m * 0.9 - grad * lr
+        step = new_m * 0.9 - grad * lr if nesterov else new_m
+        m[rows] = new_m[rows]
+        value[rows] += step[rows]
+    return value
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_a_gradient_on_every_row_gives_adams_update(amsgrad):
     initial, grads = _initial_and_gradients(steps=3)
@@ -74,6 +89,35 @@ def test_rows_with_a_zero_gradient_keep_their_values_and_moments(amsgrad):
     np.testing.assert_allclose(lazy, expected, rtol=0, atol=1e-5)
     adam = _applied(keras.optimizers.Adam(0.1), initial, grads)
     assert np.abs(adam[2] - lazy[2]).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}]
+)
+def test_lazy_sgd_with_a_gradient_on_every_row_is_sgd(kwargs):
+    initial, grads = _initial_and_gradients(steps=3)
+    lazy = _applied(LazySGD(0.1, **kwargs), initial, grads)
+    sgd = _applied(keras.optimizers.SGD(0.1, **kwargs), initial, grads)
+    np.testing.assert_allclose(lazy, sgd, rtol=0, atol=1e-6)
+    assert np.abs(lazy - initial).min() > 1e-3
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lazy_sgd_rows_with_a_zero_gradient_keep_value_and_momentum(nesterov):
+    masks = [[1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 1]]
+    initial, grads = _initial_and_gradients(steps=3, masks=masks)
+    optimizer = LazySGD(0.1, momentum=0.9, nesterov=nesterov)
+    lazy = _applied(optimizer, initial, grads)
+    np.testing.assert_array_equal(lazy[[3, 4]], initial[[3, 4]])
+    # Row 0 skips step 2: its momentum must not decay there.
+    expected = _lazy_sgd_reference(initial, grads, 0.1, nesterov)
+    np.testing.assert_allclose(lazy, expected, rtol=0, atol=1e-6)
+    sgd = _applied(
+        keras.optimizers.SGD(0.1, momentum=0.9, nesterov=nesterov),
+        initial, grads,
+    )  # fmt: skip
+    assert np.abs(sgd[2] - lazy[2]).max() > 1e-3
+    assert np.abs(sgd[0] - lazy[0]).max() > 1e-3
 
 
 @pytest.mark.tensorflow
@@ -125,6 +169,18 @@ def test_fit_of_a_sampling_head_moves_only_the_kept_rows(jit_compile):
     assert adam_moved.sum() > 15
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_with_lazy_sgd_moves_only_the_kept_rows(jit_compile):
+    lazy = LazySGD(0.1, momentum=0.9)
+    moved, labels = _rows_moved_by_second_fit(lazy, jit_compile)
+    assert 8 <= moved.sum() <= 10
+    assert np.all(moved[labels])
+    sgd_moved, _ = _rows_moved_by_second_fit(
+        keras.optimizers.SGD(0.1, momentum=0.9), jit_compile
+    )
+    assert sgd_moved.sum() > 15
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -140,12 +196,36 @@ def test_invalid_arguments_are_refused(kwargs, message):
         LazyAdam(**kwargs)
 
 
-def test_config_round_trip_and_saved_model_keep_the_optimizer(tmp_path):
-    optimizer = LazyAdam(0.02, beta_1=0.8, amsgrad=True)
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"weight_decay": 0.01}, r"LazySGD .*weight_decay=0\.01"),
+        ({"momentum": 1.0}, r"`momentum`.*momentum=1\.0"),
+        ({"momentum": -0.1}, r"`momentum`.*momentum=-0\.1"),
+        ({"momentum": "0.9"}, r"`momentum`.*momentum='0\.9'"),
+        ({"nesterov": 1}, r"`nesterov`.*nesterov=1"),
+    ],
+)
+def test_lazy_sgd_invalid_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LazySGD(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "optimizer, name",
+    [
+        (lambda: LazyAdam(0.02, beta_1=0.8, amsgrad=True), "lazy_adam"),
+        (lambda: LazySGD(0.05, momentum=0.9, nesterov=True), "lazy_sgd"),
+    ],
+)
+def test_config_round_trip_and_saved_model_keep_the_optimizer(
+    tmp_path, optimizer, name
+):
+    optimizer = optimizer()
     config = optimizer.get_config()
-    assert config["name"] == "lazy_adam"
-    restored = LazyAdam.from_config(config)
-    assert isinstance(restored, LazyAdam)
+    assert config["name"] == name
+    restored = type(optimizer).from_config(config)
+    assert isinstance(restored, type(optimizer))
     assert restored.get_config() == config
 
     keras.utils.set_random_seed(0)
@@ -159,7 +239,7 @@ def test_config_round_trip_and_saved_model_keep_the_optimizer(tmp_path):
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    assert isinstance(loaded.optimizer, LazyAdam)
+    assert isinstance(loaded.optimizer, type(optimizer))
     assert loaded.optimizer.get_config() == config
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
