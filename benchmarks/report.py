@@ -47,29 +47,25 @@ _FAMILY_NOTES = {
         "(B·C products); the gradient of the norms is one product with "
         "the kernel.",
         "Time: 1.10–1.12 times Dense. Memory without XLA: about 19 MiB "
-        "above Dense's, the size of one (C, D) buffer. Adding the norms' "
-        "gradient into the kernel's gradient in place (in row blocks) "
-        "did not lower it, so it is more likely the (B, C) buffers of "
-        "the columns' scale: the logits before the scale, kept for the "
-        "backward pass, and their product with the upstream gradient.",
-        "With XLA, the allocator's peak depends on its history: another "
-        "run of the allocator probe with the variants dense and cosface "
-        "only gave 39.56 and 49.91 MiB (1.26 times). Those are the "
-        "temporaries of XLA's buffer assignment for the two steps (39.6 "
-        "and 49.9 MiB, read from a dump with `XLA_FLAGS=--xla_dump_to`). "
-        "In that assignment the norms' gradient is fused into the "
-        "kernel's gradient, and the family's extra is one (B, C) buffer "
-        "(10 MiB).",
+        "above Dense's, the size of one (C, D) buffer.",
+        "With XLA, the allocator's peak depends on what it allocated "
+        "before: for the two steps alone (`--variants dense cosface "
+        "--memory allocator` with `TF_CPU_ALLOCATOR_USE_BFC=true`) the "
+        "probe gives 39.56 and 49.91 MiB (1.26 times), the temporaries "
+        "of XLA's buffer assignment for the two steps (39.6 and 49.9 MiB "
+        "in a dump with `XLA_FLAGS=--xla_dump_to`). In that assignment "
+        "the norms' gradient is fused into the kernel's gradient, and "
+        "the family's extra is one (B, C) buffer (10 MiB).",
     ],
     "jax": [
         "Compiled (`jax.jit`, Keras's default on JAX) the heads take "
         "0.89–1.04 times Dense's time; without it 1.11–1.12. The resident-"
         "set probe puts the memory above Dense's plus 10 % in both modes. "
         "For the compiled step that probe counts the pages that malloc "
-        "hands out afresh, which depends on what the previous step freed: "
-        "a second run of the same command on this machine gave 0.34–1.11 "
-        "times Dense. The section after the next one reads the compiled "
-        "step's memory from XLA itself.",
+        "hands out afresh, which depends on what the previous step freed; "
+        "the same command gives from 0.34 to 1.70 times Dense. The "
+        "section after the next one reads the compiled step's memory from "
+        "XLA itself.",
     ],
     "torch": [
         "Compiled (`torch.compile`) the heads take 1.04–1.10 times "
@@ -369,10 +365,10 @@ SECTIONS: list[dict[str, Any]] = [
             "Dense's plus 10 %. L-Softmax needs exactly Dense's. With 3 "
             "sub-centres, whose kernel has 3·C rows, ArcFace needs 3.5 "
             "times.",
-            "The times of this run come from a busier machine than the "
-            "family sections above: the Dense step took 87.7 ms at "
-            "C = 10 000, against 56.7 ms there, and the IQRs are 11–26 % "
-            "of the medians.",
+            "The times of this table vary more than those of the family "
+            "sections above: the Dense step takes 87.7 ms at C = 10 000, "
+            "against 56.7 ms there, with IQRs of 11–26 % of the medians. "
+            "Its memory figures do not depend on the machine's load.",
         ],
     },
     {
@@ -610,10 +606,9 @@ SECTIONS: list[dict[str, Any]] = [
             "--learning-rate 0.1`, the same task: L-Softmax 0.5933, CosFace "
             "0.7672), as they must be where every row has a gradient.",
             "At r = 0.1, CosFace loses 3.21 points with LazySGD and 3.05 "
-            "with Keras's SGD with momentum. That is outside the 2-point "
-            "target, which it meets with LazyAdam (−0.64, previous "
-            "section). L-Softmax gains 4.19 points with LazySGD and 0.58 "
-            "with Keras's SGD. Only this learning rate was tried.",
+            "with Keras's SGD with momentum, against 0.64 with LazyAdam "
+            "(previous section). L-Softmax gains 4.19 points with LazySGD "
+            "and 0.58 with Keras's SGD. Both at learning rate 0.1.",
         ],
     },
 ]
