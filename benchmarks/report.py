@@ -41,38 +41,37 @@ _HEAD = (
 
 _FAMILY_NOTES = {
     "tensorflow": [
-        "The heads that normalise the class weights do not make a "
-        "normalised copy of the (C, D) kernel: the op multiplies the "
-        "stored kernel and the logits' columns are scaled by 1/‖w_j‖ "
-        "(B·C products); the gradient of the norms is one product with "
-        "the kernel.",
-        "Time: 1.10–1.12 times Dense. Memory without XLA: about 19 MiB "
-        "above Dense's, the size of one (C, D) buffer.",
-        "With XLA, the allocator's peak depends on what it allocated "
-        "before: for the two steps alone (`--variants dense cosface "
-        "--memory allocator` with `TF_CPU_ALLOCATOR_USE_BFC=true`) the "
-        "probe gives 39.56 and 49.91 MiB (1.26 times), the temporaries "
-        "of XLA's buffer assignment for the two steps (39.6 and 49.9 MiB "
-        "in a dump with `XLA_FLAGS=--xla_dump_to`). In that assignment "
-        "the norms' gradient is fused into the kernel's gradient, and "
-        "the family's extra is one (B, C) buffer (10 MiB).",
+        "The heads that normalise the class weights make no normalised "
+        "copy of the (C, D) kernel: the op scales the logits' columns by "
+        "1/‖w_j‖ and turns the kernel's gradient into the one through the "
+        "norms itself (`ops.margin_logits(..., normalize_weights=True)`), "
+        "so the backward pass keeps neither the unscaled logits nor a "
+        "(B, C) product for the norms' gradient.",
+        "This run's times vary with the machine's load (IQRs up to a "
+        "third of the medians). With XLA, four runs gave the heads "
+        "1.04–1.38 times Dense's time; without it 1.04–1.19.",
+        "Memory, read from TensorFlow's own allocator instead of the "
+        "resident set (`--variants dense cosface --memory allocator` with "
+        "`TF_CPU_ALLOCATOR_USE_BFC=true`): CosFace needs 1.00 times "
+        "Dense's peak with XLA (43.97 MiB both) and 0.91 without "
+        "(69.90 against 76.97 MiB).",
     ],
     "jax": [
         "Compiled (`jax.jit`, Keras's default on JAX) the heads take "
-        "0.89–1.04 times Dense's time; without it 1.11–1.12. The resident-"
-        "set probe puts the memory above Dense's plus 10 % in both modes. "
-        "For the compiled step that probe counts the pages that malloc "
-        "hands out afresh, which depends on what the previous step freed; "
-        "the same command gives from 0.34 to 1.70 times Dense. The "
-        "section after the next one reads the compiled step's memory from "
-        "XLA itself.",
+        "less time than Dense in this run. The resident-set probe of the "
+        "compiled step counts the pages that malloc hands out afresh, "
+        "which depends on what the previous step freed: from run to run "
+        "it gives Dense's compiled peak as 22 to 51 MiB. The section after "
+        "the next one reads the compiled step's memory from XLA itself.",
+        "Not compiled, JAX runs the layer's code op by op and its peak "
+        "stays 1.19–1.32 times Dense's.",
     ],
     "torch": [
-        "Compiled (`torch.compile`) the heads take 1.04–1.10 times "
-        "Dense's time, eager 1.12–1.16. Memory is above Dense's plus "
-        "10 %: about 1.5 times Dense's peak eager, and 4 times compiled, "
-        "where Dense's step needs under 10 MiB beyond its variables and "
-        "the family's about 1.5 (C, D) buffers more.",
+        "Eager, the heads need 1.08–1.11 times Dense's peak memory. "
+        "Compiled (`torch.compile`), Dense's step needs under 10 MiB "
+        "beyond its variables and the heads one (B, C) buffer more (2.1 "
+        "times): PyTorch's compiler fuses Dense's logits with the loss, "
+        "and cannot fuse into the op's own backward pass.",
         "Each family section is one run, on the 2-core machine with "
         "nothing else running. With other work sharing the 2 cores, the "
         "ratios range from 0.9 to 1.7 times Dense, with IQRs as large as "
@@ -360,15 +359,14 @@ SECTIONS: list[dict[str, Any]] = [
         "cosface arcface arcface_sc3 --jit-only --memory xla --repeats 15 "
         "--out docs/benchmarks/bench_family_jax_xla.json",
         "notes": [
-            "Compiled, every head of the family needs 0.76–1.03 times the "
+            "Compiled, every head of the family needs 0.75–0.79 times the "
             "memory of the Dense step at both sizes, so it stays within "
             "Dense's plus 10 %. L-Softmax needs exactly Dense's. With 3 "
             "sub-centres, whose kernel has 3·C rows, ArcFace needs 3.5 "
             "times.",
             "The times of this table vary more than those of the family "
-            "sections above: the Dense step takes 87.7 ms at C = 10 000, "
-            "against 56.7 ms there, with IQRs of 11–26 % of the medians. "
-            "Its memory figures do not depend on the machine's load.",
+            "sections above, with IQRs of 7–27 % of the medians. Its memory "
+            "figures do not depend on the machine's load.",
         ],
     },
     {

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from keras_lsoftmax import ops
+from keras_lsoftmax.backend.common import MIN_SQUARED_NORM
 from keras_lsoftmax.initializers import TransposedInitializer
 from keras_lsoftmax.label_scope import HeadRecord
 from keras_lsoftmax.label_scope import current_label_scope
@@ -365,10 +366,11 @@ class MarginDense(keras.layers.Layer):
             )
         # Outside training only a label_scope wants the per-sample records.
         if labels is None or (not training and scope is None):
-            inputs, kernel, scales = self._operands(inputs, self.kernel)
-            return self._per_class(
-                _scaled(ops.plain_logits(inputs, kernel), scales)
-            )
+            inputs, kernel = self._operands(inputs, self.kernel)
+            logits = ops.plain_logits(inputs, kernel)
+            if self.normalize_weights:
+                logits = logits * _inverse_norms(kernel)[None, :]
+            return self._per_class(logits)
         sampling = bool(training) and self.sample_rate < 1
         labels, valid = self._sparse_labels(labels, ignore_class, sampling)
         labels = ops.check_labels(labels, self.units, inputs)
@@ -387,22 +389,15 @@ class MarginDense(keras.layers.Layer):
             # Only the kept rows enter the step, so only they get a gradient.
             kernel = kept_rows(kernel, sampled.rows, shards)
             labels = sampled.labels
-        inputs, kernel, scales = self._operands(inputs, kernel)
+        inputs, kernel = self._operands(inputs, kernel)
         if training:
             margin, lam = self.target_margin, self._training_lambda(scope)
         else:
             margin, lam = 1, self.lambda_
-        rows = self._target_rows(inputs, kernel, labels, scales)
+        rows = self._target_rows(inputs, kernel, labels)
         outputs, plain_target, cos = ops.margin_logits(
-            inputs, kernel, rows, margin, lam, valid
+            inputs, kernel, rows, margin, lam, valid, self.normalize_weights
         )
-        if scales is not None:
-            # The op's target logit is ‖x‖‖w_y‖·φ_λ(cos θ): the scale of its
-            # column turns it into ‖x‖·φ_λ(cos θ), as for a unit w_y.
-            outputs = _scaled(outputs, scales)
-            plain_target = plain_target * keras.ops.take(
-                keras.ops.stop_gradient(scales), rows, axis=0
-            )
         outputs = self._per_class(outputs, labels, rows)
         if scope is not None:
             scope.record(
@@ -432,55 +427,49 @@ class MarginDense(keras.layers.Layer):
         mesh = layout.device_mesh
         return int(mesh.shape[mesh.axis_names.index(axis)])
 
-    def _operands(self, inputs: Any, kernel: Any) -> tuple[Any, Any, Any]:
+    def _operands(self, inputs: Any, kernel: Any) -> tuple[Any, Any]:
         """The features and class weights (rows of `kernel`) the op
-        multiplies, and the scales of its logits' columns.
+        multiplies.
 
         The features are normalised and scaled as the head's formula says.
-        Normalised class weights are not computed: the logits of w_j are
-        scaled by 1/‖w_j‖ instead (`scales`, (rows,), None when the weights
-        are not normalised), B·C products instead of a normalised copy of
-        the (C, D) kernel and the (C, D) passes of its gradient. All in the
-        op's compute dtype, so that the norms are exact under a
-        mixed-precision policy too.
+        Normalised class weights are not computed here: the op scales the
+        logits' columns by 1/‖w_j‖ (`normalize_weights`), B·C products
+        instead of a normalised copy of the (C, D) kernel. With either
+        normalisation both are cast to the op's compute dtype, so that the
+        norms are exact under a mixed-precision policy too.
         """
         kernel = keras.ops.convert_to_tensor(kernel)
         if self.scale is None and not self.normalize_weights:
-            return inputs, kernel, None
+            return inputs, kernel
         dtype = ops.compute_dtype(inputs.dtype, kernel.dtype)
         inputs = keras.ops.cast(inputs, dtype)
         kernel = keras.ops.cast(kernel, dtype)
-        scales = _inverse_norms(kernel) if self.normalize_weights else None
         if self.scale is not None:
             inputs = _unit_rows(inputs) * self.scale
-        return inputs, kernel, scales
+        return inputs, kernel
 
-    def _target_rows(
-        self, inputs: Any, kernel: Any, labels: Any, scales: Any
-    ) -> Any:
+    def _target_rows(self, inputs: Any, kernel: Any, labels: Any) -> Any:
         """The kernel row of each label: its closest sub-centre.
 
         With one centre per class, the labels themselves. With K
         sub-centres, row y·K + k of the sub-centre k of class y whose logit
-        (so whose cosine) is the largest; `scales` as from `_operands`.
+        (so whose cosine) is the largest.
         """
         if self.sub_centers == 1:
             return labels
         k = self.sub_centers
-        centres = keras.ops.reshape(
-            keras.ops.stop_gradient(kernel), (-1, k, kernel.shape[-1])
+        centres = keras.ops.take(
+            keras.ops.reshape(
+                keras.ops.stop_gradient(kernel), (-1, k, kernel.shape[-1])
+            ),
+            labels,
+            axis=0,
         )
+        if self.normalize_weights:
+            centres = _unit_rows(centres)
         logits = keras.ops.einsum(
-            "bd,bkd->bk",
-            keras.ops.stop_gradient(inputs),
-            keras.ops.take(centres, labels, axis=0),
+            "bd,bkd->bk", keras.ops.stop_gradient(inputs), centres
         )
-        if scales is not None:
-            logits = logits * keras.ops.take(
-                keras.ops.reshape(keras.ops.stop_gradient(scales), (-1, k)),
-                labels,
-                axis=0,
-            )
         closest = keras.ops.cast(keras.ops.argmax(logits, axis=-1), "int32")
         return labels * k + closest
 
@@ -949,19 +938,14 @@ def _own_calls() -> list[int]:
 
 
 def _unit_rows(kernel: Any) -> Any:
-    """`kernel` with every row scaled to unit norm (zero rows stay zero)."""
-    squares = keras.ops.sum(keras.ops.square(kernel), axis=1, keepdims=True)
+    """`kernel` with every row (last axis) scaled to unit norm (zero rows
+    stay zero)."""
+    squares = keras.ops.sum(keras.ops.square(kernel), axis=-1, keepdims=True)
     # clip, not maximum: on PyTorch, Keras's type promotion gives float32
     # for two float64 operands, which would round a float64 kernel's norms.
-    return kernel * keras.ops.rsqrt(keras.ops.clip(squares, 1e-12, math.inf))
-
-
-def _scaled(logits: Any, scales: Any) -> Any:
-    """`logits` (B, rows) with column j times `scales[j]`; as is for None."""
-    return logits if scales is None else logits * scales[None, :]
-
-
-_MIN_SQUARED_NORM = 1e-12
+    return kernel * keras.ops.rsqrt(
+        keras.ops.clip(squares, MIN_SQUARED_NORM, math.inf)
+    )
 
 
 @keras.ops.custom_gradient
@@ -975,7 +959,7 @@ def _inverse_norms(kernel: Any) -> Any:
     squares = keras.ops.sum(keras.ops.square(kernel), axis=1)
     # clip, not maximum: see `_unit_rows`.
     scales = keras.ops.rsqrt(
-        keras.ops.clip(squares, _MIN_SQUARED_NORM, math.inf)
+        keras.ops.clip(squares, MIN_SQUARED_NORM, math.inf)
     )
 
     def grad(*args: Any, upstream: Any = None) -> Any:
@@ -983,7 +967,7 @@ def _inverse_norms(kernel: Any) -> Any:
             (upstream,) = args
         # Zero for clipped rows, as the clip's own gradient.
         coefficient = keras.ops.where(
-            squares > _MIN_SQUARED_NORM,
+            squares > MIN_SQUARED_NORM,
             -upstream * scales * scales * scales,
             keras.ops.zeros_like(scales),
         )

@@ -30,8 +30,15 @@ rows:
     ∂L/∂X = G·W + diag((α − 1)·g)·W_y + diag(g·δ·b/a)·X
     ∂L/∂W = Gᵀ·X + Σ_i e_{y_i}·((α − 1)·g_i·x_i + g_i·δ_i·(a_i/b_i)·w_{y_i})
 
-The heads that normalise x or w (SphereFace, CosFace, ArcFace) do so before
-the op, and autodiff carries the gradient through the normalisation.
+The heads that normalise x (CosFace, ArcFace) do so before the op, and
+autodiff carries the gradient through the normalisation. Normalised class
+weights (SphereFace, CosFace, ArcFace; `normalize_weights=True`) are not
+computed: the logits' columns are scaled by s_j = 1/‖w_j‖, so the products
+above take G·diag(s), and dw_j, the kernel's gradient with s held fixed,
+becomes dw_j − s_j²·(w_j·dw_j)·w_j (every logit is homogeneous of degree 1
+in its class weight, so w_j·dw_j/s_j is the gradient of s_j).
+Neither a normalised copy of the kernel nor the unscaled logits are kept
+for the backward pass.
 
 float16 and bfloat16 inputs are computed and returned in float32, float64
 inputs in float64.
@@ -109,6 +116,7 @@ def margin_logits(
     margin: TargetMargin | int,
     lam: Any,
     valid: Any = None,
+    normalize_weights: bool = False,
 ) -> tuple[Any, Any, Any]:
     """The margin logits plus, per sample, the plain target logit and cos θ.
 
@@ -122,6 +130,10 @@ def margin_logits(
             the margin φ itself.
         valid: optional float mask (B,) scaling each row's margin: rows with
             0 keep their plain logits and get the plain gradient.
+        normalize_weights: bool. If True, the class weights are the unit
+            rows w_j/‖w_j‖ of `kernel` (a row with ‖w_j‖ < 1e-6 is divided
+            by 1e-6 instead), and the gradient reaches `kernel` through the
+            normalisation.
 
     Returns:
         `(logits, plain_target, cos_theta)`: the margin logits (B, C), and
@@ -129,8 +141,19 @@ def margin_logits(
         without gradient (the models use them for metrics on plain logits
         and for logging θ).
     """
+    if not isinstance(normalize_weights, bool):
+        raise ValueError(
+            "Received an invalid value for `normalize_weights`, expected a "
+            f"bool. Received: normalize_weights={normalize_weights!r}"
+        )
     return _backend.margin_logits(
-        inputs, kernel, labels, as_target_margin(margin), lam, valid
+        inputs,
+        kernel,
+        labels,
+        as_target_margin(margin),
+        lam,
+        valid,
+        normalize_weights,
     )
 
 

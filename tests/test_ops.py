@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from keras_lsoftmax import ops
+from keras_lsoftmax.margins import ArcMargin
+from keras_lsoftmax.margins import CosineMargin
 from tests import numpy_reference as ref
 from tests.backend_utils import BACKEND
 from tests.backend_utils import gradients
@@ -370,6 +372,77 @@ def test_gradient_matches_autodiff_float32(margin, lam):
         assert g.dtype == np.float32
         scale = np.max(np.abs(e))
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * scale)
+
+
+# ------------------------------------------------- normalised class weights
+
+
+def _unit_rows(w):
+    """The rows of `w` over their norms, zero rows times 1e6, by autodiff."""
+    w = keras.ops.convert_to_tensor(w)
+    squares = keras.ops.sum(w * w, axis=1, keepdims=True)
+    # Not clip: on PyTorch it rounds the bound to float32.
+    zero = keras.ops.cast(squares == 0.0, squares.dtype)
+    return w * keras.ops.rsqrt(squares + zero * 1e-12)
+
+
+@pytest.mark.parametrize(
+    "margin", [1, 4, CosineMargin(0.35), ArcMargin(0.5)], ids=str
+)
+@pytest.mark.parametrize(
+    "labels",
+    [np.arange(BATCH) % NUM_CLASSES, np.array([0, 3, 3, 7, 10, 0])],
+    ids=["few_classes", "many_classes"],
+)
+def test_normalized_weights_equal_unit_rows(x64, margin, labels):
+    """`normalize_weights=True` gives the values and gradients of the op on
+    the unit rows of the kernel, normalised by autodiff-able ops; a zero
+    row, labelled or not, stays finite and gets the same gradient."""
+    rng = np.random.default_rng(11)
+    batch, num_classes = len(labels), max(int(labels.max()) + 1, NUM_CLASSES)
+    x = rng.standard_normal((batch, DIM))
+    w = rng.standard_normal((num_classes, DIM)) * rng.uniform(
+        0.5, 2.0, (num_classes, 1)
+    )
+    w[labels[-1]] = 0.0
+    w[num_classes - 2] = 0.0
+    upstream = rng.standard_normal((batch, num_classes))
+    labels = labels.astype("int32")
+
+    def folded(x, w):
+        out = ops.margin_logits(
+            x, w, labels, margin, 0.5, normalize_weights=True
+        )[0]
+        return keras.ops.multiply(out, upstream)
+
+    def unit(x, w):
+        out = ops.margin_logits(x, _unit_rows(w), labels, margin, 0.5)[0]
+        return keras.ops.multiply(out, upstream)
+
+    out, grads = gradients(folded, x, w)
+    expected, expected_grads = gradients(unit, x, w)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == np.float64
+        assert np.all(np.isfinite(got))
+        # A zero row's gradient is 1e6 times a unit row's.
+        atol = 1e-12 * max(1.0, np.max(np.abs(want)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+    _, target, cos = ops.margin_logits(
+        x, w, labels, margin, 0.5, normalize_weights=True
+    )
+    _, unit_target, unit_cos = ops.margin_logits(
+        x, _unit_rows(w), labels, margin, 0.5
+    )
+    np.testing.assert_allclose(_numpy(target), _numpy(unit_target), atol=1e-12)
+    np.testing.assert_allclose(_numpy(cos), _numpy(unit_cos), atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_normalize_weights_must_be_a_bool(value):
+    x, w, labels, _ = _gradient_data(4, 4, "float32")
+    with pytest.raises(ValueError, match=f"normalize_weights={value!r}"):
+        ops.margin_logits(x, w, labels, 4, 0.0, normalize_weights=value)
 
 
 # --------------------------------------------------------------- numerics

@@ -6,6 +6,12 @@ from typing import Any
 import keras
 
 
+# Normalised rows: a row whose squared norm is below this is divided by
+# 1e-6 instead (zero rows stay zero), and gets no gradient through it.
+MIN_SQUARED_NORM = 1e-12
+MIN_NORM = 1e-6
+
+
 def check_margin(margin: Any) -> int:
     """Returns `margin` if it is a positive Python integer, else raises."""
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 1:

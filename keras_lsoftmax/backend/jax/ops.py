@@ -18,6 +18,8 @@ import numpy as np
 
 from keras_lsoftmax.backend.common import check_lambda_number
 from keras_lsoftmax.backend.common import check_operand_shapes
+from keras_lsoftmax.backend.common import MIN_NORM
+from keras_lsoftmax.backend.common import MIN_SQUARED_NORM
 from keras_lsoftmax.backend.common import compute_dtype
 from keras_lsoftmax.backend.common import target_terms
 from keras_lsoftmax.margins import TargetMargin
@@ -92,6 +94,7 @@ def margin_logits(
     margin: TargetMargin | int,
     lam: Any,
     valid: Any = None,
+    normalize_weights: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """See `keras_lsoftmax.ops.margin_logits`.
 
@@ -111,8 +114,19 @@ def margin_logits(
         valid = _to_array(valid).astype(dtype)
     if margin.is_identity:
         logits, target, cos = _plain_forward(x, w, labels)
+        if normalize_weights:
+            # No margin math to fold the norms into: autodiff of a product.
+            scales = jax.lax.rsqrt(
+                jnp.maximum(jnp.sum(w * w, axis=1), MIN_SQUARED_NORM)
+            )
+            logits = logits * scales
+            target = target * jax.lax.stop_gradient(scales).at[labels].get(
+                mode="clip"
+            )
     else:
-        logits, target, cos = _margin_core(x, w, labels, lam, valid, margin)
+        logits, target, cos = _margin_core(
+            x, w, labels, lam, valid, margin, normalize_weights
+        )
     return logits, jax.lax.stop_gradient(target), jax.lax.stop_gradient(cos)
 
 
@@ -191,7 +205,7 @@ def _plain_forward(
     return logits, target, _cosines(x, w_y, target)[2]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _margin_core(
     x: jax.Array,
     w: jax.Array,
@@ -199,9 +213,10 @@ def _margin_core(
     lam: jax.Array,
     valid: jax.Array | None,
     margin: TargetMargin,
+    normalize_weights: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The margin logits, plain targets and cos θ, with the analytic VJP."""
-    return _forward(x, w, labels, lam, valid, margin)[:3]
+    return _forward(x, w, labels, lam, valid, margin, normalize_weights)[:3]
 
 
 def _margin_core_fwd(
@@ -211,17 +226,21 @@ def _margin_core_fwd(
     lam: jax.Array,
     valid: jax.Array | None,
     margin: TargetMargin,
+    normalize_weights: bool,
 ) -> tuple[tuple[jax.Array, ...], tuple[Any, ...]]:
-    out, target, cos, saved = _forward(x, w, labels, lam, valid, margin)
+    out, target, cos, saved = _forward(
+        x, w, labels, lam, valid, margin, normalize_weights
+    )
     return (out, target, cos), (x, w, labels, saved)
 
 
 def _margin_core_bwd(
     margin: TargetMargin,
+    normalize_weights: bool,
     residuals: tuple[Any, ...],
     cotangents: tuple[jax.Array, ...],
 ) -> tuple[jax.Array | None, ...]:
-    del margin  # φ's derivative is among the saved (α − 1, δ).
+    del margin, normalize_weights  # Both are in the saved terms.
     x, w, labels, saved = residuals
     # Only the logits' cotangent counts: the plain targets and cos θ carry
     # no gradient.
@@ -233,7 +252,7 @@ def _margin_core_bwd(
 _margin_core.defvjp(_margin_core_fwd, _margin_core_bwd)
 
 
-@functools.partial(jax.jit, static_argnames="margin")
+@functools.partial(jax.jit, static_argnames=("margin", "normalize_weights"))
 def _forward(
     x: jax.Array,
     w: jax.Array,
@@ -241,11 +260,14 @@ def _forward(
     lam: jax.Array,
     valid: jax.Array | None,
     margin: TargetMargin,
+    normalize_weights: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]:
     """The forward pass of `_margin_core`.
 
-    Returns the margin logits, the plain target logits, cos θ and what the
-    backward pass needs: (a, b, α − 1, δ), each (B,).
+    Returns the margin logits, the plain target logits (both with the
+    class weights normalised if asked), cos θ and what the backward pass
+    needs: (a, b, α − 1, δ), each (B,), and the kernel's row norms (C,) or
+    None.
     """
     logits = _logits(x, w)
     target = _targets(logits, labels)
@@ -253,7 +275,13 @@ def _forward(
     shift, alpha_minus_1, delta = target_terms(margin, cos, lam, valid)
     rows = jnp.arange(labels.shape[0])
     out = logits.at[rows, labels].add(a * b * shift, mode="clip")
-    return out, target, cos, (a, b, alpha_minus_1, delta)
+    norms = None
+    if normalize_weights:
+        norms = _row_norms(w)
+        scales = 1.0 / jnp.maximum(norms, MIN_NORM)
+        out = out * scales
+        target = target * scales.at[labels].get(mode="clip")
+    return out, target, cos, (a, b, alpha_minus_1, delta, norms)
 
 
 @jax.jit
@@ -264,13 +292,19 @@ def _backward(
     saved: tuple[jax.Array, ...],
     upstream: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """∂L/∂x and ∂L/∂w from G = `upstream`, without a modified copy of G.
+    """∂L/∂x and ∂L/∂w from G = `upstream`.
 
     The Dense products of G, plus on the B labelled rows what a target logit
     adds to a plain one: (α − 1)·g times the other operand, and the radial
-    term g·δ (see `keras_lsoftmax.ops`).
+    term g·δ (see `keras_lsoftmax.ops`). With normalised class weights
+    (scales s = 1/‖w‖) the products take G·diag(s) and ∂L/∂w_j loses its
+    part along w_j: dw_j − s_j²·(w_j·dw_j)·w_j. Without them no modified
+    copy of G is made.
     """
-    a, b, alpha_minus_1, delta = saved
+    a, b, alpha_minus_1, delta, norms = saved
+    scales = None if norms is None else 1.0 / jnp.maximum(norms, MIN_NORM)
+    if scales is not None:
+        upstream = upstream * scales
     g = _targets(upstream, labels)
     # Gathered again rather than saved: B·D reads, no (B, D) residual.
     w_y = w.at[labels].get(mode="clip")
@@ -279,7 +313,12 @@ def _backward(
     dx = upstream @ w + alpha_g * w_y + _divide_no_nan(gd * b, a)[:, None] * x
     per_row = alpha_g * x + _divide_no_nan(gd * a, b)[:, None] * w_y
     dw = jax.lax.dot_general(upstream, x, _CONTRACT_FIRST)
-    return dx, dw.at[labels].add(per_row, mode="clip")
+    dw = dw.at[labels].add(per_row, mode="clip")
+    if scales is not None:
+        dots = jnp.sum(w * dw, axis=1)
+        along = jnp.where(norms > MIN_NORM, scales * scales * dots, 0.0)
+        dw = dw - along[:, None] * w
+    return dx, dw
 
 
 def row_major(t: jax.Array) -> jax.Array:

@@ -11,6 +11,8 @@ import tensorflow as tf
 
 from keras_lsoftmax.backend.common import check_lambda_number
 from keras_lsoftmax.backend.common import check_operand_shapes
+from keras_lsoftmax.backend.common import MIN_NORM
+from keras_lsoftmax.backend.common import MIN_SQUARED_NORM
 from keras_lsoftmax.backend.common import compute_dtype as _dtype_name
 from keras_lsoftmax.backend.common import target_terms
 from keras_lsoftmax.backend.tensorflow import compat
@@ -111,6 +113,7 @@ def margin_logits(
     margin: TargetMargin | int,
     lam: Any,
     valid: Any = None,
+    normalize_weights: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """See `keras_lsoftmax.ops.margin_logits`."""
     margin = as_target_margin(margin)
@@ -123,11 +126,19 @@ def margin_logits(
     lam = _check_lambda(lam, dtype)
     if valid is not None:
         valid = tf.cast(valid, dtype)
-    logits, target, cos = _margin_core(
-        inputs, kernel, labels, lam, margin, valid
-    )
+    if margin.is_identity and normalize_weights:
+        # No margin math to fold the norms into: autodiff of a product.
+        logits, target, cos = _margin_core(inputs, kernel, labels, lam, margin)
+        scales = tf.math.rsqrt(
+            tf.maximum(tf.reduce_sum(kernel * kernel, axis=1), MIN_SQUARED_NORM)
+        )
+        logits = logits * scales
+        target = target * tf.gather(scales, labels)
+    else:
+        logits, target, cos = _margin_core(
+            inputs, kernel, labels, lam, margin, valid, normalize_weights
+        )
     return logits, tf.stop_gradient(target), tf.stop_gradient(cos)
-
 
 
 def _margin_core(
@@ -137,10 +148,12 @@ def _margin_core(
     lam: tf.Tensor,
     margin: TargetMargin,
     valid: tf.Tensor | None = None,
+    normalize_weights: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     full_pass = _full_pass(x, w)
     plain = margin.is_identity
     compiled = not plain and _compile_forward(x, w)
+    extra = () if valid is None else (valid,)
 
     @tf.custom_gradient
     def forward(x, w, labels, lam):
@@ -151,16 +164,23 @@ def _margin_core(
             )
             return (logits, target, cos), _dense_grad(x, w)
         if compiled:
-            fn = _compiled_forward(margin, full_pass, valid is not None)
-            extra = () if valid is None else (valid,)
+            fn = _compiled_forward(
+                margin, full_pass, valid is not None, normalize_weights
+            )
             out, target, cos, saved = fn(x, w, labels, index, lam, *extra)
         else:
             out, target, cos, saved = _margin_forward(
-                x, w, labels, index, lam, valid, margin, full_pass
+                x, w, labels, index, lam, valid, margin, full_pass,
+                normalize_weights=normalize_weights,
             )
-        a, b, alpha_minus_1, delta, *w_y = saved
+        a, b, alpha_minus_1, delta, w_y, norms = saved
 
         def grad(upstream, *unused):
+            scales = None
+            if norms is not None:
+                scales = 1.0 / tf.maximum(norms, MIN_NORM)
+                # The unit rows' logits: G·diag(s) for the unscaled ones.
+                upstream = upstream * scales
             g = tf.gather_nd(upstream, index)
             with tf.control_dependencies([g]):
                 g_adj = _add_at(upstream, index, alpha_minus_1 * g)
@@ -170,18 +190,39 @@ def _margin_core(
             dw = tf.matmul(g_adj, x, transpose_a=True)
             # The radial term w_y·gδa/b of each labelled class weight.
             radial = tf.math.divide_no_nan(gd * a, b)
-            if full_pass:
+            if w_y is None:
                 per_class = tf.math.unsorted_segment_sum(
                     radial, labels, tf.shape(w)[0]
                 )
                 dw += per_class[:, None] * w
             else:
-                dw = _add_at(dw, labels[:, None], radial[:, None] * w_y[0])
+                dw = _add_at(dw, labels[:, None], radial[:, None] * w_y)
+            if scales is not None:
+                dw = _normalization_grad(dw, w, norms, scales)
             return dx, dw, None, None
 
         return (out, target, cos), grad
 
     return forward(x, w, labels, lam)
+
+
+def _normalization_grad(
+    dw: tf.Tensor, w: tf.Tensor, norms: tf.Tensor, scales: tf.Tensor
+) -> tf.Tensor:
+    """dw, the kernel's gradient with the scales s held fixed, turned into
+    the gradient through s_j = 1/‖w_j‖ too: dw_j − s_j²·(w_j·dw_j)·w_j (see
+    `keras_lsoftmax.ops`).
+
+    Rows whose norm was clamped have a constant scale, so only their dw.
+    """
+    if _in_xla_context():
+        dots = tf.reduce_sum(w * dw, axis=1)
+    else:
+        # A batch of C dot products: `reduce_sum(w * dw)` would hold a
+        # (C, D) temporary next to the kernel's gradient.
+        dots = tf.einsum("cd,cd->c", w, dw)
+    along = tf.where(norms > MIN_NORM, scales * scales * dots, 0.0)
+    return dw - along[:, None] * w
 
 
 def _margin_forward(
@@ -193,17 +234,23 @@ def _margin_forward(
     valid: tf.Tensor | None,
     margin: TargetMargin,
     full_pass: bool,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tuple[tf.Tensor, ...] | None]:
+    normalize_weights: bool = False,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tuple[Any, ...] | None]:
     """The forward pass of `_margin_core`.
 
-    Returns the margin logits, the plain target logits, cos θ and what the
-    gradient needs: (a, b, α − 1, δ), plus the labelled class weights w_y
-    (B, D) unless `full_pass`; None for the identity margin.
+    Returns the margin logits, the plain target logits (both with the
+    class weights normalised if asked), cos θ and what the gradient needs:
+    (a, b, α − 1, δ, w_y, norms), with the labelled class weights w_y
+    (B, D) None if `full_pass` and the kernel's row norms (C,) None unless
+    `normalize_weights`; None for the identity margin.
     """
     logits = _logits(x, w)
     target = tf.gather_nd(logits, index)
+    w_y = norms = None
+    if full_pass or normalize_weights:
+        norms = _row_norms(w)
     if full_pass:
-        b = tf.gather(_row_norms(w), labels)
+        b = tf.gather(norms, labels)
     else:
         w_y = tf.gather(w, labels)  # (B, D)
         b = _row_norms(w_y)
@@ -215,8 +262,12 @@ def _margin_forward(
     shift, alpha_minus_1, delta = target_terms(margin, cos, lam, valid)
     with tf.control_dependencies([target]):
         out = _add_at(logits, index, ab * shift)
-    saved = (a, b, alpha_minus_1, delta)
-    return out, target, cos, saved if full_pass else saved + (w_y,)
+    if not normalize_weights:
+        return out, target, cos, (a, b, alpha_minus_1, delta, w_y, None)
+    scales = 1.0 / tf.maximum(norms, MIN_NORM)
+    out = out * scales
+    target = target * tf.gather(scales, labels)
+    return out, target, cos, (a, b, alpha_minus_1, delta, w_y, norms)
 
 
 def _dims(shape: tf.TensorShape) -> tuple:
@@ -277,23 +328,28 @@ def _xla_cpu_only() -> bool:
     return _XLA_CPU_ONLY
 
 
-_COMPILED_FORWARD: dict[tuple[TargetMargin, bool, bool], Any] = {}
+_COMPILED_FORWARD: dict[tuple[TargetMargin, bool, bool, bool], Any] = {}
 
 
 def _compiled_forward(
-    margin: TargetMargin, full_pass: bool, with_valid: bool
+    margin: TargetMargin,
+    full_pass: bool,
+    with_valid: bool,
+    normalize_weights: bool,
 ):
     """`_margin_forward` as a `tf.function(jit_compile=True)`.
 
-    One per (margin, radial path, mask or not), kept for the process; each
-    traces and compiles once per input shape and dtype.
+    One per (margin, radial path, mask or not, normalised weights or not),
+    kept for the process; each traces and compiles once per input shape and
+    dtype.
     """
-    key = (margin, full_pass, with_valid)
+    key = (margin, full_pass, with_valid, normalize_weights)
     if key not in _COMPILED_FORWARD:
 
         def fn(x, w, labels, index, lam, valid=None):
             return _margin_forward(
-                x, w, labels, index, lam, valid, margin, full_pass
+                x, w, labels, index, lam, valid, margin, full_pass,
+                normalize_weights=normalize_weights,
             )
 
         _COMPILED_FORWARD[key] = tf.function(

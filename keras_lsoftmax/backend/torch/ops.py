@@ -30,6 +30,8 @@ import torch
 
 from keras_lsoftmax.backend.common import check_lambda_number
 from keras_lsoftmax.backend.common import check_operand_shapes
+from keras_lsoftmax.backend.common import MIN_NORM
+from keras_lsoftmax.backend.common import MIN_SQUARED_NORM
 from keras_lsoftmax.backend.common import compute_dtype
 from keras_lsoftmax.backend.common import target_terms
 from keras_lsoftmax.margins import TargetMargin
@@ -91,6 +93,7 @@ def margin_logits(
     margin: TargetMargin | int,
     lam: Any,
     valid: Any = None,
+    normalize_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `keras_lsoftmax.ops.margin_logits`."""
     margin = as_target_margin(margin)
@@ -98,10 +101,20 @@ def margin_logits(
     labels = _to_tensor(labels, x.device)
     lam = _check_lambda(lam, x.dtype, x.device)
     if margin.is_identity:
-        return _plain_margin_logits(x, w, labels)
+        logits, target, cos = _plain_margin_logits(x, w, labels)
+        if normalize_weights:
+            # No margin math to fold the norms into: autograd of a product.
+            scales = torch.rsqrt(
+                torch.clamp((w * w).sum(dim=1), min=MIN_SQUARED_NORM)
+            )
+            logits = logits * scales
+            target = target * scales.detach()[labels]
+        return logits, target, cos
     if valid is not None:
         valid = _to_tensor(valid, x.device).detach().to(x.dtype)
-    return _MarginLogits.apply(x, w, labels, lam, valid, margin)
+    return _MarginLogits.apply(
+        x, w, labels, lam, valid, normalize_weights, margin
+    )
 
 
 def with_plain_targets(
@@ -129,43 +142,81 @@ class _MarginLogits(torch.autograd.Function):
     """The margin logits (B, C), plain target logits and cos θ (B,).
 
     Arguments: x (B, D) and w (C, D) in the compute dtype, int labels (B,),
-    λ (a float or a 0-d tensor), the optional row mask `valid` (B,) and the
+    λ (a float or a 0-d tensor), the optional row mask `valid` (B,),
+    whether the class weights are normalised, and the
     `keras_lsoftmax.margins.TargetMargin`. Only x and w get gradients.
     """
 
     @staticmethod
-    def forward(ctx, x, w, labels, lam, valid, margin):
+    def forward(ctx, x, w, labels, lam, valid, normalize_weights, margin):
         logits = x @ w.T
         rows, target, w_y, a, b, cos = _target_terms(logits, x, w, labels)
         shift, alpha_minus_1, delta = target_terms(margin, cos, lam, valid)
         logits.index_put_((rows, labels), target + a * b * shift)
-        ctx.save_for_backward(x, w, labels, w_y, a, b, alpha_minus_1, delta)
+        norms = None
+        if normalize_weights:
+            norms = torch.linalg.vector_norm(w, dim=1)
+            scales = 1.0 / torch.clamp(norms, min=MIN_NORM)
+            logits.mul_(scales)
+            target = target * scales[labels]
+        ctx.save_for_backward(
+            x, w, labels, w_y, a, b, alpha_minus_1, delta, norms
+        )
         ctx.mark_non_differentiable(target, cos)
         return logits, target, cos
 
     @staticmethod
     def backward(ctx, upstream, *unused):
-        x, w, labels, w_y, a, b, alpha_minus_1, delta = ctx.saved_tensors
+        x, w, labels, w_y, a, b, alpha_minus_1, delta, norms = (
+            ctx.saved_tensors
+        )
         need_x, need_w = ctx.needs_input_grad[:2]
         dx = dw = None
         if not (need_x or need_w):
-            return dx, dw, None, None, None, None
+            return dx, dw, None, None, None, None, None
+        scales = None
+        if norms is not None:
+            scales = 1.0 / torch.clamp(norms, min=MIN_NORM)
         rows = torch.arange(labels.shape[0], device=labels.device)
         g = upstream[rows, labels]
+        if scales is not None:
+            g = g * scales[labels]
         tangent = (alpha_minus_1 * g)[:, None]
         gd = g * delta
         if need_x:
             radial = torch.where(a > 0, gd * b / a, 0.0)[:, None]
             # The O(B·D) terms are the matrix product's addend: no pass over
-            # a modified copy of the (B, C) upstream gradient.
+            # a modified copy of the (B, C) upstream gradient, but for the
+            # column scales of normalised weights.
             dx = torch.addmm(
-                torch.addcmul(tangent * w_y, radial, x), upstream, w
+                torch.addcmul(tangent * w_y, radial, x),
+                upstream if scales is None else upstream * scales,
+                w,
             )
         if need_w:
             radial = torch.where(b > 0, gd * a / b, 0.0)[:, None]
             dw = upstream.T @ x
+            if scales is not None:
+                dw.mul_(scales[:, None])
             dw.index_add_(0, labels, torch.addcmul(tangent * x, radial, w_y))
-        return dx, dw, None, None, None, None
+            if scales is not None:
+                _add_normalization_grad(dw, w, norms, scales)
+        return dx, dw, None, None, None, None, None
+
+
+def _add_normalization_grad(
+    dw: torch.Tensor, w: torch.Tensor, norms: torch.Tensor, scales: torch.Tensor
+) -> None:
+    """dw, the kernel's gradient with the scales s held fixed, turned into
+    the gradient through s_j = 1/‖w_j‖ too, in place:
+    dw_j − s_j²·(w_j·dw_j)·w_j (see `keras_lsoftmax.ops`).
+
+    Rows whose norm was clamped have a constant scale, so only their dw.
+    """
+    # A batch of C dot products: no (C, D) product of w and dw.
+    dots = torch.bmm(w.unsqueeze(1), dw.unsqueeze(2)).reshape(-1)
+    coefficient = torch.where(norms > MIN_NORM, -scales * scales * dots, 0.0)
+    dw.addcmul_(coefficient[:, None], w)
 
 
 def _target_terms(

@@ -338,6 +338,38 @@ def test_compiled_forward_matches_plain_kernels(
         np.testing.assert_array_equal(tensor, before)
 
 
+def test_compiled_forward_with_normalized_weights(monkeypatch):
+    x, w, labels = _spread_data(3, **_MANY)
+    rng = np.random.default_rng(3)
+    w = w * rng.uniform(0.5, 2.0, (_MANY["num_classes"], 1))
+    upstream = rng.standard_normal((_MANY["batch"], _MANY["num_classes"]))
+    valid = rng.integers(0, 2, _MANY["batch"]).astype(np.float64)
+
+    def run():
+        @tf.function
+        def step(x, w):
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                out = ops.margin_logits(
+                    x, w, labels, 4, 0.5, valid, normalize_weights=True
+                )[0]
+                loss = tf.reduce_sum(out * upstream)
+            return out, tape.gradient(loss, [x, w])
+
+        args = [tf.constant(x), tf.constant(w)]
+        graph = step.get_concrete_function(*args).graph
+        return len(_must_compile_calls(graph)), step(*args)
+
+    calls, (out, grads) = run()
+    assert calls == 1
+    monkeypatch.setattr(tf_ops, "_compile_forward", lambda x, w: False)
+    plain_calls, (ref_out, ref_grads) = run()
+    assert plain_calls == 0
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-10)
+
+
 def test_compiled_forward_matches_autodiff_reference():
     margin, lam = 4, 0.5
     x, w, labels = _spread_data(margin, **_MANY)
