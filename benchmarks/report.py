@@ -47,9 +47,9 @@ _FAMILY_NOTES = {
         "norms itself (`ops.margin_logits(..., normalize_weights=True)`), "
         "so the backward pass keeps neither the unscaled logits nor a "
         "(B, C) product for the norms' gradient.",
-        "This run's times vary with the machine's load (IQRs up to a "
-        "third of the medians). With XLA, four runs gave the heads "
-        "1.04–1.38 times Dense's time; without it 1.04–1.19.",
+        "The times vary with the machine's load (IQRs up to a third of "
+        "the medians): over four measurements the heads take 1.04–1.38 "
+        "times Dense's time with XLA and 1.04–1.19 without.",
         "Memory, read from TensorFlow's own allocator instead of the "
         "resident set (`--variants dense cosface --memory allocator` with "
         "`TF_CPU_ALLOCATOR_USE_BFC=true`): CosFace needs 1.00 times "
@@ -58,9 +58,9 @@ _FAMILY_NOTES = {
     ],
     "jax": [
         "Compiled (`jax.jit`, Keras's default on JAX) the heads take "
-        "less time than Dense in this run. The resident-set probe of the "
+        "less time than Dense. The resident-set probe of the "
         "compiled step counts the pages that malloc hands out afresh, "
-        "which depends on what the previous step freed: from run to run "
+        "which depends on what the previous step freed: across measurements "
         "it gives Dense's compiled peak as 22 to 51 MiB. The section after "
         "the next one reads the compiled step's memory from XLA itself.",
         "Not compiled, JAX runs the layer's code op by op and its peak "
@@ -82,11 +82,11 @@ _FAMILY_NOTES = {
 _PARTIAL_FC_NOTES = {
     "tensorflow": [
         "The sampled step takes 0.25 times the Dense step's time (the "
-        "median of the per-round ratios agrees); from run to run on this "
-        "shared machine the ratio is 0.14 to 0.27, with the Dense step "
+        "median of the per-round ratios agrees); on this shared machine "
+        "the ratio ranges from 0.14 to 0.27, with the Dense step "
         "between 3.4 and 6.8 s.",
         "Its peak memory is not well under Dense's: 0.97 times it above "
-        "the baseline (0.79 to 0.97 from run to run). Keras's Adam updates "
+        "the baseline (0.79 to 0.97 over several measurements). Keras's Adam updates "
         "the whole (C, D) kernel every step as a chain of element-wise "
         "operations, each a (C, D) temporary (512 MB) outside XLA; with "
         "the kernel and its two moments that sets both peaks. With plain "
@@ -100,10 +100,10 @@ _PARTIAL_FC_NOTES = {
     ],
     "jax": [
         "Compiled, the sampled step takes 0.17 times the Dense step's "
-        "time and 0.48 times its peak memory above the baseline, likely "
-        "because XLA fuses Adam's update of the whole kernel into one "
-        "pass: what differs is then the logits, (B, C) for Dense and "
-        "(B, S) sampled.",
+        "time and 0.48 times its peak memory above the baseline. "
+        "Compiled, Adam's update of the whole kernel is open to fusion "
+        "into one pass, which leaves the logits, (B, C) for Dense and "
+        "(B, S) sampled, as the difference.",
     ],
     "torch": [
         "Eager PyTorch runs the sampled step at 0.46 times the Dense "
