@@ -5,7 +5,9 @@
         step) and writes DIR/<backend>.keras, DIR/<backend>.npy (its
         predictions on fixed inputs) and DIR/inputs.npy;
     python -m tests.cross_backend_worker load DIR
-        loads every DIR/*.keras and writes DIR/<saved>-on-<backend>.npy.
+        loads every DIR/*.keras and writes DIR/<saved>-on-<backend>.npy;
+    python -m tests.cross_backend_worker both DIR
+        saves, then loads.
 """
 
 import pathlib
@@ -71,5 +73,11 @@ def _predict(model, x):
     )
 
 
+def save_and_load(folder: pathlib.Path) -> None:
+    save(folder)
+    load(folder)
+
+
 if __name__ == "__main__":
-    {"save": save, "load": load}[sys.argv[1]](pathlib.Path(sys.argv[2]))
+    modes = {"save": save, "load": load, "both": save_and_load}
+    modes[sys.argv[1]](pathlib.Path(sys.argv[2]))

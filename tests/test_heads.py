@@ -748,10 +748,20 @@ def test_mirrored_strategy_matches_one_device_for_every_head(tmp_path):
         assert two["lambda_per_replica"] == [expected, expected]
 
 
+# The two code paths by default, as for MirroredStrategy; `-m slow` adds
+# the other heads.
 @pytest.mark.jax
-def test_jax_data_parallel_matches_one_device_for_every_head():
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ["sphereface", "arcface_k3"],
+        pytest.param(["cosface", "arcface"], marks=pytest.mark.slow),
+    ],
+    ids="-".join,
+)
+def test_jax_data_parallel_matches_one_device_for_every_head(kinds):
     result = subprocess.run(
-        [sys.executable, "-m", "tests.data_parallel_worker", *FACTORIES],
+        [sys.executable, "-m", "tests.data_parallel_worker", *kinds],
         capture_output=True, text=True, timeout=200, cwd=ROOT,
         env=worker_env(
             KERAS_BACKEND="jax",
@@ -760,7 +770,7 @@ def test_jax_data_parallel_matches_one_device_for_every_head():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     reports = json.loads(result.stdout.strip().splitlines()[-1])
-    assert sorted(reports) == sorted(FACTORIES)
+    assert sorted(reports) == sorted(kinds)
     for kind, report in reports.items():
         assert report["devices"] == 2
         assert report["max_weight_diff"] <= 1e-5, kind

@@ -84,7 +84,7 @@ def plain_logits(inputs: Any, kernel: Any) -> jax.Array:
     """`inputs @ kernelᵀ` in the dtype `lsoftmax_logits` computes in."""
     inputs, kernel = _to_array(inputs), _to_array(kernel)
     dtype = compute_dtype(inputs.dtype, kernel.dtype)
-    return _logits(inputs.astype(dtype), kernel.astype(dtype))
+    return _logits(_cast(inputs, dtype), _cast(kernel, dtype))
 
 
 def margin_logits(
@@ -107,7 +107,7 @@ def margin_logits(
     dtype = compute_dtype(inputs.dtype, kernel.dtype)
     # Cast before the custom VJP: its cotangents must have the dtypes of its
     # inputs, and the cast's own transpose returns them in the caller's.
-    x, w = inputs.astype(dtype), kernel.astype(dtype)
+    x, w = _cast(inputs, dtype), _cast(kernel, dtype)
     labels = _to_array(labels)
     lam = _lambda(lam, dtype)
     if valid is not None:
@@ -149,7 +149,15 @@ def _to_array(value: Any) -> jax.Array:
     # `stateless_call`) substitutes its value.
     if isinstance(value, keras.Variable):
         return keras.ops.convert_to_tensor(value)
-    return jnp.asarray(value)
+    # Arrays and tracers as they are: `jnp.asarray` of a tracer is a copy
+    # under autodiff outside `jit`, and the backward pass would keep it.
+    return value if isinstance(value, jax.Array) else jnp.asarray(value)
+
+
+def _cast(t: jax.Array, dtype: str) -> jax.Array:
+    """`t` in `dtype`; itself, not a copy (as `astype` makes under autodiff
+    outside `jit`), where it has that dtype already."""
+    return t if t.dtype == dtype else t.astype(dtype)
 
 
 def _lambda(lam: Any, dtype: str) -> jax.Array:
@@ -274,7 +282,10 @@ def _forward(
     a, b, cos = _cosines(x, w.at[labels].get(mode="clip"), target)
     shift, alpha_minus_1, delta = target_terms(margin, cos, lam, valid)
     rows = jnp.arange(labels.shape[0])
-    out = logits.at[rows, labels].add(a * b * shift, mode="clip")
+    # Set from the gathered target, not added: a shift that ignores cos θ
+    # (CosFace's) would leave the gather unordered before this update, and
+    # XLA would copy the (B, C) logits to keep the gather's read.
+    out = logits.at[rows, labels].set(target + a * b * shift, mode="clip")
     norms = None
     if normalize_weights:
         norms = _row_norms(w)

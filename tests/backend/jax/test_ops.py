@@ -15,6 +15,9 @@ jnp = jax.numpy
 
 from keras_lsoftmax import ops as public_ops  # noqa: E402
 from keras_lsoftmax.backend.jax import ops  # noqa: E402
+from keras_lsoftmax.margins import ArcMargin  # noqa: E402
+from keras_lsoftmax.margins import CosineMargin  # noqa: E402
+from keras_lsoftmax.margins import as_target_margin  # noqa: E402
 from tests import numpy_reference as ref  # noqa: E402
 from tests.backend_utils import gradients  # noqa: E402
 
@@ -257,6 +260,75 @@ def test_jit_matches_eager(margin):
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
     for e, c in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled)):
         np.testing.assert_allclose(e, c, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("margin", [4, CosineMargin(0.35)], ids=str)
+def test_normalized_weights_jit_matches_eager(x64, margin):
+    x, w, labels = _spread_data(3)
+    w = w * np.random.default_rng(4).uniform(0.5, 2.0, (NUM_CLASSES, 1))
+    upstream = np.random.default_rng(5).standard_normal((len(labels), NUM_CLASSES))
+
+    def loss(x, w):
+        out = ops.margin_logits(
+            x, w, labels, margin, 0.5, normalize_weights=True
+        )[0]
+        return jnp.sum(out * upstream)
+
+    eager = jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+    for e, c in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled)):
+        assert e.dtype == np.float64
+        np.testing.assert_allclose(e, c, rtol=0, atol=1e-12 * np.abs(c).max())
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize(
+    "margin", [4, CosineMargin(0.35), ArcMargin(0.5)], ids=str
+)
+def test_forward_updates_the_logits_in_place(margin, normalize):
+    """The compiled forward pass writes the B target logits into the (B, C)
+    product: XLA allocates no second (B, C) buffer, whatever the margin."""
+    batch, classes, dim = 64, 2000, 16
+    args = (
+        jnp.ones((batch, dim)),
+        jnp.ones((classes, dim)),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.asarray(0.0),
+        None,
+    )
+    compiled = ops._forward.lower(
+        *args, margin=as_target_margin(margin), normalize_weights=normalize
+    ).compile()
+    memory = compiled.memory_analysis()
+    if memory is None:
+        pytest.skip("no buffer assignment on this platform")
+    logits_bytes = batch * classes * 4
+    assert memory.output_size_in_bytes >= logits_bytes
+    assert memory.temp_size_in_bytes < logits_bytes / 2
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("margin", [1, 4, CosineMargin(0.35)], ids=str)
+def test_autodiff_keeps_the_operands_themselves(margin, normalize):
+    """Outside `jit` the backward pass keeps the caller's kernel and
+    features, not copies of them."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 13)), "float32")
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((37, 13)), "float32")
+    labels = jnp.asarray(LABELS)
+
+    def count():
+        return sum(a.shape in (x.shape, w.shape) for a in jax.live_arrays())
+
+    before = count()
+    out, vjp = jax.vjp(
+        lambda x, w: ops.margin_logits(
+            x, w, labels, margin, 0.5, normalize_weights=normalize
+        )[0],
+        x,
+        w,
+    )
+    assert count() == before
+    assert vjp(jnp.ones_like(out))[1].shape == w.shape
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
