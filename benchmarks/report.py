@@ -48,8 +48,8 @@ _FAMILY_NOTES = {
         "so the backward pass keeps neither the unscaled logits nor a "
         "(B, C) product for the norms' gradient.",
         "The times vary with the machine's load (IQRs up to a third of "
-        "the medians): over four measurements the heads take 1.04–1.38 "
-        "times Dense's time with XLA and 1.04–1.19 without.",
+        "the medians): the heads take 1.04–1.38 times Dense's time with "
+        "XLA and 1.04–1.19 without.",
         "Memory, read from TensorFlow's own allocator instead of the "
         "resident set (`--variants dense cosface --memory allocator` with "
         "`TF_CPU_ALLOCATOR_USE_BFC=true`): CosFace needs 1.00 times "
@@ -60,8 +60,8 @@ _FAMILY_NOTES = {
         "Compiled (`jax.jit`, Keras's default on JAX) the heads take "
         "less time than Dense. The resident-set probe of the "
         "compiled step counts the pages that malloc hands out afresh, "
-        "which depends on what the previous step freed: across measurements "
-        "it gives Dense's compiled peak as 22 to 51 MiB. The section after "
+        "which depends on what the previous step freed: it puts Dense's "
+        "compiled peak anywhere from 22 to 51 MiB. The section after "
         "the next one reads the compiled step's memory from XLA itself.",
         "Not compiled, JAX runs the layer's code op by op; the heads need "
         "0.89–0.95 times Dense's peak memory and 0.95–0.97 times its time. "
@@ -76,21 +76,19 @@ _FAMILY_NOTES = {
         "beyond its variables and the heads one (B, C) buffer more (2.1 "
         "times): PyTorch's compiler fuses Dense's logits with the loss, "
         "and cannot fuse into the op's own backward pass.",
-        "Each family section is one run, on the 2-core machine with "
-        "nothing else running. With other work sharing the 2 cores, the "
-        "ratios range from 0.9 to 1.7 times Dense, with IQRs as large as "
-        "the medians.",
+        "When other processes share the 2 cores, the ratios range from "
+        "0.9 to 1.7 times Dense, with IQRs as large as the medians.",
     ],
 }
 
 _PARTIAL_FC_NOTES = {
     "tensorflow": [
         "The sampled step takes 0.25 times the Dense step's time (the "
-        "median of the per-round ratios agrees); on this shared machine "
+        "median of the per-round ratios agrees); with the machine's load "
         "the ratio ranges from 0.14 to 0.27, with the Dense step "
         "between 3.4 and 6.8 s.",
         "Its peak memory is not well under Dense's: 0.97 times it above "
-        "the baseline (0.79 to 0.97 over several measurements). Keras's Adam updates "
+        "the baseline (0.79 to 0.97 with the machine's load). Keras's Adam updates "
         "the whole (C, D) kernel every step as a chain of element-wise "
         "operations, each a (C, D) temporary (512 MB) outside XLA; with "
         "the kernel and its two moments that sets both peaks. With plain "
@@ -252,8 +250,8 @@ SECTIONS: list[dict[str, Any]] = [
         "--repeats 30 --out docs/benchmarks/bench_fit_cpu.json",
         "notes": [
             "At C = 1000 a step is 11 to 16 ms and its fixed costs weigh "
-            "more (1.08 to 1.19 times Dense); the `fit` row moved between "
-            "0.97 and 1.32 over three runs on this machine.",
+            "more (1.08 to 1.19 times Dense); with the machine's load the "
+            "`fit` row ranges from 0.97 to 1.32.",
         ],
     },
     {
@@ -279,7 +277,7 @@ SECTIONS: list[dict[str, Any]] = [
         "title": "Every backend: TensorFlow",
         "measures": "The step of the first section, `LSoftmaxDense(C, "
         "margin=4)` against `Dense(C, use_bias=False)` only, on each Keras "
-        "backend (this section and the next two), each backend in one run.",
+        "backend (this section and the next two).",
         "command": "python benchmarks/bench_head.py --backend tensorflow "
         "--classes 1000 10000 100000 --variants dense lsoftmax --repeats 10 "
         "--out docs/benchmarks/bench_head_tensorflow.json",
