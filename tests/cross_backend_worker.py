@@ -1,13 +1,11 @@
-"""Saves or loads a `.keras` file under the backend of `KERAS_BACKEND`.
+"""Saves a `.keras` file under the backend of `KERAS_BACKEND`, then loads.
 
-    python -m tests.cross_backend_worker save DIR
-        trains a small multi-output model two steps (λ scheduled in the
-        step) and writes DIR/<backend>.keras, DIR/<backend>.npy (its
-        predictions on fixed inputs) and DIR/inputs.npy;
-    python -m tests.cross_backend_worker load DIR
-        loads every DIR/*.keras and writes DIR/<saved>-on-<backend>.npy;
-    python -m tests.cross_backend_worker both DIR
-        saves, then loads.
+    python -m tests.cross_backend_worker DIR
+
+trains a small multi-output model two steps (λ scheduled in the step) and
+writes DIR/<backend>.keras, DIR/<backend>.npy (its predictions on fixed
+inputs) and DIR/inputs.npy (`save`); then loads every DIR/*.keras and writes
+DIR/<saved>-on-<backend>.npy (`load`).
 """
 
 import pathlib
@@ -73,11 +71,7 @@ def _predict(model, x):
     )
 
 
-def save_and_load(folder: pathlib.Path) -> None:
+if __name__ == "__main__":
+    folder = pathlib.Path(sys.argv[1])
     save(folder)
     load(folder)
-
-
-if __name__ == "__main__":
-    modes = {"save": save, "load": load, "both": save_and_load}
-    modes[sys.argv[1]](pathlib.Path(sys.argv[2]))
