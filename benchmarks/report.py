@@ -71,11 +71,20 @@ _FAMILY_NOTES = {
         "the copy for the backward pass.",
     ],
     "torch": [
-        "Eager, the heads need 1.08–1.11 times Dense's peak memory. "
+        "Eager, the heads need 1.03–1.06 times Dense's peak memory. "
         "Compiled (`torch.compile`), Dense's step needs under 10 MiB "
-        "beyond its variables and the heads one (B, C) buffer more (2.1 "
-        "times): PyTorch's compiler fuses Dense's logits with the loss, "
-        "and cannot fuse into the op's own backward pass.",
+        "beyond its variables and the heads 1.11–1.15 times that. The "
+        "backward pass scales the upstream gradient by the weights' norms "
+        "one block of classes at a time (C/16 classes, at least 512), "
+        "and the normalisation's gradient is a custom op that updates the "
+        "kernel's gradient in place: written as plain ops, the compiler "
+        "fuses them into a kernel that writes a second (C, D) buffer.",
+        "Eager, normalised class weights cost passes over the (C, D) "
+        "kernel and its gradient that a compiler would fuse: the norms, "
+        "the scales of the gradient, C dot products and the update of the "
+        "normalisation's gradient. Timed op by op at C = 10 000, D = 512, "
+        "B = 256, the backward pass's products take 45 ms against Dense's "
+        "36 ms.",
         "When other processes share the 2 cores, the ratios range from "
         "0.9 to 1.7 times Dense, with IQRs as large as the medians.",
     ],
@@ -306,16 +315,14 @@ SECTIONS: list[dict[str, Any]] = [
         "--out docs/benchmarks/bench_head_torch.json",
         "notes": [
             "From C = 10 000 up, every backend runs the L-Softmax step at "
-            "0.92–1.06 times Dense, compiled or not. Compiled (the Keras "
+            "0.89–1.08 times Dense, compiled or not. Compiled (the Keras "
             "default on JAX and on GPUs), its peak memory is at most Dense's "
-            "plus 5 % (PyTorch keeps the B labelled class weights for the "
-            "backward pass); TensorFlow and JAX need less than Dense.",
-            "At C = 1 000 without compilation, JAX and PyTorch run the "
-            "L-Softmax step at 1.15 and 1.16 times Dense: there the per-step "
-            "work outside the matrix products (a dozen (B, D) element-wise "
-            "operations and the label checks, each dispatched from Python) "
-            "is about 1.3 ms of an 8–22 ms step. Compiled, the same cases "
-            "are 0.96 and 1.09.",
+            "plus 6 %; TensorFlow and JAX need less than Dense.",
+            "At C = 1 000 without compilation, PyTorch runs the L-Softmax "
+            "step at 1.22 times Dense: there the per-step work outside the "
+            "matrix products (a dozen (B, D) element-wise operations and the "
+            "label checks, each dispatched from Python) is about 2 ms of a "
+            "10 ms step. Compiled, the same case is 1.08.",
             "PyTorch keeps a variable's strides, so the kernel is stored "
             "row-major when it is created: a transposed (C, D) view would make "
             "every step 1.3–1.7 times a Dense step.",

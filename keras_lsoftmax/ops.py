@@ -40,6 +40,10 @@ in its class weight, so w_j·dw_j/s_j is the gradient of s_j).
 Neither a normalised copy of the kernel nor the unscaled logits are kept
 for the backward pass.
 
+Second derivatives (a gradient penalty, for instance) of the op are exact on
+TensorFlow and JAX. On PyTorch they raise a `RuntimeError`: the op's
+backward pass there is a first derivative only.
+
 float16 and bfloat16 inputs are computed and returned in float32, float64
 inputs in float64.
 

@@ -63,5 +63,29 @@ def gradients(fn, *args):
     return value.detach().numpy(), grads
 
 
+def differentiable_gradient(fn, x):
+    """∂sum(fn(x))/∂x for a backend tensor x, itself differentiable: the
+    tape or graph of an enclosing differentiation records it."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total = tf.reduce_sum(fn(x))
+        return tape.gradient(total, x)
+    if BACKEND == "jax":
+        import jax
+
+        return jax.grad(lambda x: fn(x).sum())(x)
+    import torch
+
+    x = torch.as_tensor(x)
+    if not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+    return grad
+
+
 def _numpy(t):
     return None if t is None else np.asarray(t)

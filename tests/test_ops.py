@@ -18,6 +18,7 @@ from keras_lsoftmax.margins import ArcMargin
 from keras_lsoftmax.margins import CosineMargin
 from tests import numpy_reference as ref
 from tests.backend_utils import BACKEND
+from tests.backend_utils import differentiable_gradient
 from tests.backend_utils import gradients
 
 MARGINS = [1, 2, 3, 4, 8]
@@ -436,6 +437,40 @@ def test_normalized_weights_equal_unit_rows(x64, margin, labels):
     )
     np.testing.assert_allclose(_numpy(target), _numpy(unit_target), atol=1e-12)
     np.testing.assert_allclose(_numpy(cos), _numpy(unit_cos), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "margin, normalize_weights",
+    [(4, False), (CosineMargin(0.35), True), (ArcMargin(0.5), True)],
+    ids=["lsoftmax", "cosface", "arcface"],
+)
+def test_second_derivative(x64, margin, normalize_weights):
+    """A gradient of the loss's gradient matches central differences on
+    TensorFlow and JAX. PyTorch's backward pass is a first derivative only,
+    so there it raises instead of leaving out the margin's terms."""
+    rng = np.random.default_rng(5)
+    labels = (np.arange(BATCH) % NUM_CLASSES).astype("int32")
+    x, w = ref.sample_away_from_breakpoints(rng, labels, DIM, NUM_CLASSES, 4)
+
+    def squared_input_gradient(x, w):
+        def losses(x):
+            logits = ops.margin_logits(
+                x, w, labels, margin, 0.5, normalize_weights=normalize_weights
+            )[0]
+            return keras.ops.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            )
+
+        return keras.ops.square(differentiable_gradient(losses, x))
+
+    if BACKEND == "torch":
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            gradients(squared_input_gradient, x, w)
+        return
+    _, grads = gradients(squared_input_gradient, x, w)
+    numeric = _central_differences(squared_input_gradient, x, w)
+    for got, want in zip(grads, numeric):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])

@@ -20,6 +20,10 @@ host are skipped, so labels outside [0, C) and a negative λ tensor raise no
 `ValueError`. A bad label then fails in the compiled gather instead (a
 `RuntimeError` "index out of bounds" from inductor's bounds check on CPU, a
 device-side assertion on an accelerator); a negative λ goes unreported.
+
+The backward pass is `once_differentiable`: the terms it takes from the
+forward pass carry no graph, so a second derivative through it would leave
+out the margin's terms. It raises a `RuntimeError` instead.
 """
 
 from typing import Any
@@ -36,6 +40,12 @@ from keras_lsoftmax.backend.common import compute_dtype
 from keras_lsoftmax.backend.common import target_terms
 from keras_lsoftmax.margins import TargetMargin
 from keras_lsoftmax.margins import as_target_margin
+
+# The scaled upstream gradient of normalised weights is built in this many
+# blocks of classes (see `_add_upstream_product`), blocks of at least
+# _MIN_CLASS_BLOCK classes, so small heads run one matrix product.
+_CLASS_BLOCKS = 16
+_MIN_CLASS_BLOCK = 512
 
 
 def check_labels(
@@ -159,17 +169,16 @@ class _MarginLogits(torch.autograd.Function):
             scales = 1.0 / torch.clamp(norms, min=MIN_NORM)
             logits.mul_(scales)
             target = target * scales[labels]
-        ctx.save_for_backward(
-            x, w, labels, w_y, a, b, alpha_minus_1, delta, norms
-        )
+        # w_y is gathered again in the backward pass: kept, it would be
+        # one (B, D) tensor more at the backward pass's peak.
+        ctx.save_for_backward(x, w, labels, a, b, alpha_minus_1, delta, norms)
         ctx.mark_non_differentiable(target, cos)
         return logits, target, cos
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, upstream, *unused):
-        x, w, labels, w_y, a, b, alpha_minus_1, delta, norms = (
-            ctx.saved_tensors
-        )
+        x, w, labels, a, b, alpha_minus_1, delta, norms = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
         dx = dw = None
         if not (need_x or need_w):
@@ -177,33 +186,80 @@ class _MarginLogits(torch.autograd.Function):
         scales = None
         if norms is not None:
             scales = 1.0 / torch.clamp(norms, min=MIN_NORM)
-        rows = torch.arange(labels.shape[0], device=labels.device)
-        g = upstream[rows, labels]
-        if scales is not None:
-            g = g * scales[labels]
-        tangent = (alpha_minus_1 * g)[:, None]
-        gd = g * delta
+        # The labelled rows' terms come first, so that their temporaries are
+        # freed before the (C, D) product exists.
+        x_terms, w_terms = _labelled_terms(
+            upstream, x, w, labels, a, b, alpha_minus_1, delta, scales
+        )
         if need_x:
-            radial = torch.where(a > 0, gd * b / a, 0.0)[:, None]
             # The O(B·D) terms are the matrix product's addend: no pass over
-            # a modified copy of the (B, C) upstream gradient, but for the
-            # column scales of normalised weights.
-            dx = torch.addmm(
-                torch.addcmul(tangent * w_y, radial, x),
-                upstream if scales is None else upstream * scales,
-                w,
-            )
+            # a modified copy of the (B, C) upstream gradient.
+            dx = _add_upstream_product(x_terms, upstream, scales, w)
         if need_w:
-            radial = torch.where(b > 0, gd * a / b, 0.0)[:, None]
             dw = upstream.T @ x
             if scales is not None:
                 dw.mul_(scales[:, None])
-            dw.index_add_(0, labels, torch.addcmul(tangent * x, radial, w_y))
+            dw.index_add_(0, labels, w_terms)
             if scales is not None:
                 _add_normalization_grad(dw, w, norms, scales)
         return dx, dw, None, None, None, None, None
 
 
+def _labelled_terms(
+    upstream: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    alpha_minus_1: torch.Tensor,
+    delta: torch.Tensor,
+    scales: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The O(B·D) terms of the B labelled rows (see `keras_lsoftmax.ops`).
+
+    Returns:
+        The (B, D) addend of ∂L/∂X and the (B, D) rows added to ∂L/∂W at
+        the rows `labels`.
+    """
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    g = upstream[rows, labels]
+    if scales is not None:
+        g = g * scales[labels]
+    tangent = (alpha_minus_1 * g)[:, None]
+    gd = g * delta
+    w_y = w.index_select(0, labels)
+    x_radial = torch.where(a > 0, gd * b / a, 0.0)[:, None]
+    w_radial = torch.where(b > 0, gd * a / b, 0.0)[:, None]
+    x_terms = torch.addcmul(tangent * w_y, x_radial, x)
+    return x_terms, torch.addcmul(tangent * x, w_radial, w_y)
+
+
+def _add_upstream_product(
+    dx: torch.Tensor,
+    upstream: torch.Tensor,
+    scales: torch.Tensor | None,
+    w: torch.Tensor,
+) -> torch.Tensor:
+    """dx + (upstream · diag(scales)) @ w, in place into dx.
+
+    With scales, the product runs over blocks of classes, so the scaled
+    upstream gradient exists one block at a time: a whole scaled copy would
+    be one (B, C) buffer more than a Dense step's backward pass needs.
+    """
+    if scales is None:
+        return dx.addmm_(upstream, w)
+    classes = w.shape[0]
+    block = max(-(-classes // _CLASS_BLOCKS), _MIN_CLASS_BLOCK)
+    for start in range(0, classes, block):
+        stop = start + block
+        dx.addmm_(upstream[:, start:stop] * scales[start:stop], w[start:stop])
+    return dx
+
+
+@torch.library.custom_op(
+    "keras_lsoftmax::add_normalization_grad_", mutates_args=("dw",)
+)
 def _add_normalization_grad(
     dw: torch.Tensor, w: torch.Tensor, norms: torch.Tensor, scales: torch.Tensor
 ) -> None:
@@ -212,6 +268,9 @@ def _add_normalization_grad(
     dw_j − s_j²·(w_j·dw_j)·w_j (see `keras_lsoftmax.ops`).
 
     Rows whose norm was clamped have a constant scale, so only their dw.
+    A custom op, so that the update stays in place under `torch.compile`:
+    written as plain ops, inductor fuses the dot products with the update
+    into one kernel, which writes a second (C, D) buffer.
     """
     # A batch of C dot products: no (C, D) product of w and dw.
     dots = torch.bmm(w.unsqueeze(1), dw.unsqueeze(2)).reshape(-1)

@@ -21,6 +21,8 @@ import torch  # noqa: E402
 
 from keras_lsoftmax import ops as public_ops  # noqa: E402
 from keras_lsoftmax.backend.torch import ops  # noqa: E402
+from keras_lsoftmax.margins import ArcMargin  # noqa: E402
+from keras_lsoftmax.margins import CosineMargin  # noqa: E402
 from tests import numpy_reference as ref  # noqa: E402
 from tests.backend_utils import gradients  # noqa: E402
 
@@ -40,6 +42,25 @@ def _spread_data(seed, batch=48, dim=4, num_classes=5):
     labels = rng.integers(0, num_classes, size=batch).astype(np.int32)
     theta = rng.permutation(np.linspace(0.005, np.pi - 0.005, batch))
     return ref.features_at_angles(rng, w, labels, theta), w, labels
+
+
+def _blocked_problem():
+    """float64 (x, w, labels, upstream) whose kernel spans several blocks of
+    classes in the backward pass of normalised weights."""
+    rng = np.random.default_rng(7)
+    batch, dim = 48, 4
+    num_classes = 4 * ops._MIN_CLASS_BLOCK + 9
+    x = torch.tensor(rng.standard_normal((batch, dim)), requires_grad=True)
+    w = torch.tensor(
+        rng.standard_normal((num_classes, dim))
+        * rng.uniform(0.5, 2.0, (num_classes, 1)),
+        requires_grad=True,
+    )
+    labels = torch.tensor(
+        rng.integers(0, num_classes, batch), dtype=torch.int32
+    )
+    upstream = torch.tensor(rng.standard_normal((batch, num_classes)))
+    return x, w, labels, upstream
 
 
 def _rel_err(got, expected) -> float:
@@ -389,15 +410,27 @@ def test_with_plain_targets_never_feeds_a_pending_backward():
 # --------------------------------------------------------- torch.compile
 
 
-def test_compiled_training_step_matches_eager():
-    # One margin: compiling forward and backward takes some 20 s on 2 cores.
-    margin = 4
-    x, w, labels = _spread_data(margin, batch=16)
+@pytest.mark.parametrize(
+    "margin, normalize_weights",
+    [(4, False), (CosineMargin(0.35), True)],
+    ids=["lsoftmax", "cosface"],
+)
+def test_compiled_training_step_matches_eager(margin, normalize_weights):
+    """Compiling forward and backward takes some 20 s per case on 2 cores.
+    With normalised weights the kernel spans several blocks of classes and
+    the normalisation's gradient runs as the package's custom op."""
+    if normalize_weights:
+        x, w, labels, _ = _blocked_problem()
+        x, w, labels = x.detach().numpy(), w.detach().numpy(), labels.numpy()
+    else:
+        x, w, labels = _spread_data(4, batch=16)
     lam = torch.tensor(0.5, dtype=torch.float64)
 
     def step(x, w, labels, lam):
         labels = ops.check_labels(labels, w.shape[0], x)
-        logits = _logits(x, w, labels, margin, lam)
+        logits = ops.margin_logits(
+            x, w, labels, margin, lam, normalize_weights=normalize_weights
+        )[0]
         return torch.nn.functional.cross_entropy(logits, labels.long())
 
     def run(fn):
@@ -494,3 +527,46 @@ def test_check_labels_returns_int32(dtype):
     got = ops.check_labels(np.array([0, 4, 2], dtype), 5, np.zeros((3, 2)))
     assert got.dtype == torch.int32
     np.testing.assert_array_equal(got, [0, 4, 2])
+
+
+@pytest.mark.parametrize(
+    "margin", [4, CosineMargin(0.35), ArcMargin(0.5)], ids=str
+)
+def test_normalized_weights_over_several_class_blocks(margin):
+    """The blocked backward pass of normalised weights gives the gradients
+    of the op on unit rows normalised by autograd."""
+    x, w, labels, upstream = _blocked_problem()
+    out = ops.margin_logits(x, w, labels, margin, 0.5, normalize_weights=True)
+    out[0].backward(upstream)
+    got = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    unit = w / torch.linalg.vector_norm(w, dim=1, keepdim=True)
+    ops.margin_logits(x, unit, labels, margin, 0.5)[0].backward(upstream)
+    for grad, want in zip(got, (x.grad, w.grad)):
+        torch.testing.assert_close(grad, want, rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("margin", [4, CosineMargin(0.35)], ids=str)
+def test_normalized_weights_backward_builds_no_scaled_upstream(margin):
+    """No allocation of the backward pass comes near a (B, C) buffer: the
+    scaled upstream gradient exists one block of classes at a time."""
+    x, w, labels, upstream = _blocked_problem()
+    out = ops.margin_logits(x, w, labels, margin, 0.5, normalize_weights=True)
+    with torch.profiler.profile(profile_memory=True) as profile:
+        out[0].backward(upstream)
+    largest = max(event.cpu_memory_usage for event in profile.events())
+    assert 0 < largest < upstream.numel() * upstream.element_size() / 2
+
+
+def test_second_derivative_raises():
+    """The analytic backward pass is a first derivative only: a gradient of
+    the gradient raises instead of leaving out the margin's terms."""
+    x, w, labels = _spread_data(4, batch=8)
+    x = torch.tensor(x, requires_grad=True)
+    logits = _logits(x, w, labels, 4, 0.5)
+    loss = torch.nn.functional.cross_entropy(
+        logits, torch.as_tensor(labels, dtype=torch.int64)
+    )
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.square().sum().backward()
