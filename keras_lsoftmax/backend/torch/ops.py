@@ -43,9 +43,13 @@ from keras_lsoftmax.margins import as_target_margin
 
 # The scaled upstream gradient of normalised weights is built in this many
 # blocks of classes (see `_add_upstream_product`), blocks of at least
-# _MIN_CLASS_BLOCK classes, so small heads run one matrix product.
-_CLASS_BLOCKS = 16
-_MIN_CLASS_BLOCK = 512
+# _MIN_CLASS_BLOCK classes, so small heads run one matrix product. At
+# C = 10 000, B = 256, D = 512 on 2 CPU cores, a compiled step's peak memory
+# is 1.03-1.11 times Dense's in 64 blocks and 1.11-1.18 times in 16; the
+# blocked product takes 20 ms, against 19 ms in 16 blocks and 17.5 ms for
+# Dense's unblocked one.
+_CLASS_BLOCKS = 64
+_MIN_CLASS_BLOCK = 128
 
 
 def check_labels(
