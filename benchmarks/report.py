@@ -73,15 +73,14 @@ _FAMILY_NOTES = {
     "torch": [
         "Eager, the heads need 1.03–1.05 times Dense's peak memory. "
         "Compiled (`torch.compile`), Dense's step needs under 10 MiB "
-        "beyond its variables and the heads 1.05–1.11 times that; over "
-        "five runs of the probe the compiled heads needed 1.03–1.11 times "
-        "Dense, the probe varying by about 0.5 MiB from run to run. The "
-        "backward pass scales the upstream gradient by the weights' norms "
-        "one block of classes at a time (C/64 classes, at least 128; in "
-        "blocks of C/16 the compiled heads needed 1.11–1.18 times Dense), "
-        "and the normalisation's gradient is a custom op that updates the "
-        "kernel's gradient in place: written as plain ops, the compiler "
-        "fuses them into a kernel that writes a second (C, D) buffer.",
+        "beyond its variables and the heads 1.05–1.11 times that; the "
+        "resident-set probe varies by about 0.5 MiB, 5 % of Dense's "
+        "compiled peak. The backward pass scales the upstream gradient by "
+        "the weights' norms one block of classes at a time (C/64 classes, "
+        "at least 128), and the normalisation's gradient is a custom op "
+        "that updates the kernel's gradient in place: written as plain "
+        "ops, the compiler fuses them into a kernel that writes a second "
+        "(C, D) buffer.",
         "Eager, normalised class weights cost passes over the (C, D) "
         "kernel and its gradient that a compiler would fuse: the norms, "
         "the scales of the gradient, C dot products and the update of the "
@@ -199,8 +198,8 @@ SECTIONS: list[dict[str, Any]] = [
         "notes": [
             "The margin costs a few percent of a Dense step or less, with "
             "and without XLA (`jit_compile=True`, the Keras default on "
-            "GPUs). This shared 2-core machine is noisy: repeated runs move "
-            "a ratio by about ±0.04 at C = 1000 (see the IQR column).",
+            "GPUs). On this shared 2-core machine a ratio varies by about "
+            "±0.04 at C = 1000 with the load (see the IQR column).",
             "At C = 10 000 and 100 000 the L-Softmax step is even faster and "
             "smaller than Dense's. This comes from the kernel layout, not "
             "the margin: `LSoftmaxDense` stores one row per class, (C, D), "
