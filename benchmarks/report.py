@@ -49,12 +49,23 @@ _FAMILY_NOTES = {
         "(B, C) product for the norms' gradient.",
         "The times vary with the machine's load (IQRs up to a third of "
         "the medians): the heads take 1.04–1.38 times Dense's time with "
-        "XLA and 1.04–1.19 without.",
+        "XLA and 1.04–1.27 without. Most of the difference is the "
+        "gradient through the norms: C dot products of the kernel's rows "
+        "with their gradient and the update of that gradient, two passes "
+        "over (C, D) arrays that take about 15 ms outside XLA and 10 ms "
+        "with it, where Dense's whole step takes 80 to 95 ms.",
+        "Outside XLA the gradient through the norms updates the kernel's "
+        "gradient in place, in 16 blocks of classes: that keeps the "
+        "step's peak at 0.84–0.96 times Dense's in the table, where one "
+        "(C, D) update would add a (C, D) temporary (0.97–1.20 times "
+        "Dense's), at the price of about 4 ms a step (TensorFlow's "
+        "in-place updates run on one thread).",
         "Memory, read from TensorFlow's own allocator instead of the "
-        "resident set (`--variants dense cosface --memory allocator` with "
-        "`TF_CPU_ALLOCATOR_USE_BFC=true`): CosFace needs 1.00 times "
-        "Dense's peak with XLA (43.97 MiB both) and 0.91 without "
-        "(69.90 against 76.97 MiB).",
+        "resident set (`--memory allocator` with "
+        "`TF_CPU_ALLOCATOR_USE_BFC=true`): with XLA, CosFace needs 1.00 "
+        "times Dense's peak (43.97 MiB both); without XLA the heads need "
+        "0.95–1.19 times Dense's, which itself varies from 52 to 74 MiB "
+        "with the order in which TensorFlow runs the step's operations.",
     ],
     "jax": [
         "Compiled (`jax.jit`, Keras's default on JAX) the heads take "

@@ -215,14 +215,33 @@ def _normalization_grad(
 
     Rows whose norm was clamped have a constant scale, so only their dw.
     """
+
+    def along(rows: slice, dots: tf.Tensor) -> tf.Tensor:
+        s = scales[rows]
+        return tf.where(norms[rows] > MIN_NORM, s * s * dots, 0.0)
+
+    classes = w.shape[0]
     if _in_xla_context():
         dots = tf.reduce_sum(w * dw, axis=1)
-    else:
-        # A batch of C dot products: `reduce_sum(w * dw)` would hold a
-        # (C, D) temporary next to the kernel's gradient.
+        return dw - along(slice(None), dots)[:, None] * w
+    if classes is None or tf.executing_eagerly():
+        # Eagerly, each block would copy the whole of `dw`, which the
+        # caller still holds.
         dots = tf.einsum("cd,cd->c", w, dw)
-    along = tf.where(norms > MIN_NORM, scales * scales * dots, 0.0)
-    return dw - along[:, None] * w
+        return dw - along(slice(None), dots)[:, None] * w
+    # Block by block, in place: `dw - c[:, None] * w` would hold a (C, D)
+    # temporary next to the kernel's gradient.
+    block = max(-(-classes // _CLASS_BLOCKS), _MIN_CLASS_BLOCK)
+    for start in range(0, classes, block):
+        rows = slice(start, min(start + block, classes))
+        w_block = w[rows]
+        dots = tf.einsum("cd,cd->c", w_block, dw[rows])
+        dw = _add_at(
+            dw,
+            tf.range(rows.start, rows.stop)[:, None],
+            -along(rows, dots)[:, None] * w_block,
+        )
+    return dw
 
 
 def _margin_forward(
@@ -305,6 +324,15 @@ def _compile_forward(x: tf.Tensor, w: tf.Tensor) -> bool:
         return False
     return _xla_cpu_only()
 
+
+# The gradient through the norms of normalised weights is taken in this
+# many blocks of classes, of at least _MIN_CLASS_BLOCK classes each (see
+# `_normalization_grad`). Outside XLA, at C = 10 000, B = 256, D = 512 on 2
+# CPU cores, a step's peak resident memory is 0.84-0.98 times Dense's in 16
+# blocks and 0.97-1.20 times unblocked. The in-place updates run on one
+# thread: the pass takes about 15 ms, against 11 ms unblocked.
+_CLASS_BLOCKS = 16
+_MIN_CLASS_BLOCK = 512
 
 # Measured on two cores (B = 16 to 512, C = 300 to 100 000, D = 512): from
 # 128 rows and 65 536 logits the compiled forward pass makes a training step

@@ -16,6 +16,7 @@ tf = pytest.importorskip("tensorflow")
 from keras_lsoftmax import ops  # noqa: E402
 from keras_lsoftmax.backend.tensorflow import compat  # noqa: E402
 from keras_lsoftmax.backend.tensorflow import ops as tf_ops  # noqa: E402
+from keras_lsoftmax.margins import CosineMargin  # noqa: E402
 from tests import numpy_reference as ref  # noqa: E402
 
 pytestmark = pytest.mark.tensorflow
@@ -231,6 +232,45 @@ def test_gradient_leaves_caller_tensors_unchanged(in_function, radial_path):
     np.testing.assert_allclose(out, expected_out, rtol=1e-12, atol=1e-12)
     for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("margin", [4, CosineMargin(0.35)], ids=str)
+def test_normalization_gradient_in_place_by_blocks(margin, monkeypatch):
+    # In a graph the gradient through the norms updates the kernel's
+    # gradient block by block in place; eagerly it is one subtraction.
+    monkeypatch.setattr(tf_ops, "_CLASS_BLOCKS", 3)
+    monkeypatch.setattr(tf_ops, "_MIN_CLASS_BLOCK", 2)
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.standard_normal((6, 4)))
+    w = rng.standard_normal((11, 4)) * rng.uniform(0.5, 2.0, (11, 1))
+    w[9] = 0.0  # a clamped norm in the last block
+    w = tf.constant(w)
+    labels = np.array([0, 3, 3, 7, 9, 10], dtype="int32")
+    upstream = tf.constant(rng.standard_normal((6, 11)))
+    saved = w.numpy().copy()
+
+    def step(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            out = ops.margin_logits(
+                x, w, labels, margin, 0.5, normalize_weights=True
+            )[0]
+        return tape.gradient(out, [x, w], output_gradients=upstream)
+
+    graph_step = tf.function(step)
+    types = [
+        op.type for op in graph_step.get_concrete_function(x, w).graph
+        .get_operations()
+    ]
+    grads, eager_grads = graph_step(x, w), step(x, w)
+    # The logits', the upstream gradient's and the kernel gradient's
+    # labelled entries, then blocks of 4, 4 and 3 classes.
+    assert types.count("ScatterNdNonAliasingAdd") == 6
+    assert types.count("Einsum") == 3
+    np.testing.assert_array_equal(w, saved)
+    for got, want in zip(grads, eager_grads):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
 def test_with_plain_targets_in_place_in_a_graph():
