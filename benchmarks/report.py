@@ -49,7 +49,7 @@ _FAMILY_NOTES = {
         "(B, C) product for the norms' gradient.",
         "The times vary with the machine's load (IQRs up to a third of "
         "the medians): the heads take 1.04–1.38 times Dense's time with "
-        "XLA and 1.04–1.27 without. Most of the difference is the "
+        "XLA and 1.04–1.27 without. About half of the difference is the "
         "gradient through the norms: C dot products of the kernel's rows "
         "with their gradient and the update of that gradient, two passes "
         "over (C, D) arrays that take about 15 ms outside XLA and 10 ms "
