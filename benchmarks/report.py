@@ -55,11 +55,10 @@ _FAMILY_NOTES = {
         "over (C, D) arrays that take about 15 ms outside XLA and 10 ms "
         "with it, where Dense's whole step takes 80 to 95 ms.",
         "Outside XLA the gradient through the norms updates the kernel's "
-        "gradient in place, in 16 blocks of classes: that keeps the "
-        "step's peak at 0.84–0.96 times Dense's in the table, where one "
-        "(C, D) update would add a (C, D) temporary (0.97–1.20 times "
-        "Dense's), at the price of about 4 ms a step (TensorFlow's "
-        "in-place updates run on one thread).",
+        "gradient in place, in 16 blocks of classes, so the step holds no "
+        "(C, D) temporary beside that gradient: its peak is 0.84–0.96 "
+        "times Dense's in the table. TensorFlow's in-place updates run on "
+        "one thread, which costs about 4 ms a step.",
         "Memory, read from TensorFlow's own allocator instead of the "
         "resident set (`--memory allocator` with "
         "`TF_CPU_ALLOCATOR_USE_BFC=true`): with XLA, CosFace needs 1.00 "
@@ -95,9 +94,8 @@ _FAMILY_NOTES = {
         "Eager, normalised class weights cost passes over the (C, D) "
         "kernel and its gradient that a compiler would fuse: the norms, "
         "the scales of the gradient, C dot products and the update of the "
-        "normalisation's gradient. Timed op by op at C = 10 000, D = 512, "
-        "B = 256, the backward pass's products take 45 ms against Dense's "
-        "36 ms.",
+        "normalisation's gradient. At C = 10 000, D = 512, B = 256, the "
+        "backward pass's products take 45 ms, Dense's 36 ms.",
         "When other processes share the 2 cores, the ratios range from "
         "0.9 to 1.7 times Dense, with IQRs as large as the medians.",
     ],
@@ -168,8 +166,8 @@ _LAZY_ADAM_COMPILED_NOTES = {
         "step's time (0.28 as the median of the rounds' ratios) and 0.57 "
         "times its peak memory above the baseline, against 0.25 and 0.64 "
         "with Adam under XLA (the TensorFlow with XLA section above). The "
-        "Dense step's time varied from round to round (IQR 1776 of 6155 "
-        "ms).",
+        "Dense step's time has an IQR of 1776 ms around its median of "
+        "6155 ms.",
     ],
     "torch": [
         "Compiled, the sampled step takes 0.15 times the Dense step's time "
@@ -426,8 +424,8 @@ SECTIONS: list[dict[str, Any]] = [
         "--out docs/benchmarks/scheduler_overhead_torch.json",
         "notes": [
             "The in-step schedule adds a handful of scalar operations to the "
-            "step; its ratios to no callback are within the run-to-run noise "
-            "of this machine (IQRs of 15–25 % of a step). The host-side "
+            "step; its ratios to no callback are within the noise of this "
+            "machine (IQRs of 15–25 % of a step). The host-side "
             "callable costs a synchronisation per batch: 1.19 times on "
             "TensorFlow and 2.07 times on JAX, whose compiled step is "
             "otherwise asynchronous.",

@@ -221,13 +221,10 @@ def _normalization_grad(
         return tf.where(norms[rows] > MIN_NORM, s * s * dots, 0.0)
 
     classes = w.shape[0]
-    if _in_xla_context():
-        dots = tf.reduce_sum(w * dw, axis=1)
-        return dw - along(slice(None), dots)[:, None] * w
-    if classes is None or tf.executing_eagerly():
-        # Eagerly, each block would copy the whole of `dw`, which the
-        # caller still holds.
-        dots = tf.einsum("cd,cd->c", w, dw)
+    # XLA updates in place by itself; eagerly, each block would copy the
+    # whole of `dw`, which the caller still holds.
+    if _in_xla_context() or classes is None or tf.executing_eagerly():
+        dots = _row_dots(w, dw)
         return dw - along(slice(None), dots)[:, None] * w
     # Block by block, in place: `dw - c[:, None] * w` would hold a (C, D)
     # temporary next to the kernel's gradient.
@@ -235,7 +232,7 @@ def _normalization_grad(
     for start in range(0, classes, block):
         rows = slice(start, min(start + block, classes))
         w_block = w[rows]
-        dots = tf.einsum("cd,cd->c", w_block, dw[rows])
+        dots = _row_dots(w_block, dw[rows])
         dw = _add_at(
             dw,
             tf.range(rows.start, rows.stop)[:, None],
@@ -417,6 +414,14 @@ def _row_norms(t: tf.Tensor) -> tf.Tensor:
     # One pass over `t` instead of two (square, then sum). XLA has no kernel
     # for it, and fuses the two passes of `tf.norm` by itself.
     return tf.math.reduce_euclidean_norm(t, axis=1)
+
+
+def _row_dots(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    if _in_xla_context():
+        return tf.reduce_sum(a * b, axis=1)
+    # A batch of dot products: `reduce_sum(a * b)` would hold a temporary
+    # the size of `a`. XLA fuses the product into the sum.
+    return tf.einsum("cd,cd->c", a, b)
 
 
 _TYPICAL_BATCH_SIZE = 256
