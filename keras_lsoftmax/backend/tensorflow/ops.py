@@ -5,6 +5,7 @@ product plus O(B·D) work on the B labelled class weights; the backward pass
 is the two matrix products of a Dense layer plus O(B·D) work.
 """
 
+import functools
 from typing import Any
 
 import tensorflow as tf
@@ -347,10 +348,15 @@ def _xla_cpu_only() -> bool:
     if _XLA_CPU_ONLY is None:
         _XLA_CPU_ONLY = "CPU" in compat.kernel_device_types(
             "XlaLaunch"
-        ) and all(
-            d.device_type == "CPU" for d in tf.config.list_logical_devices()
-        )
+        ) and _cpu_only()
     return _XLA_CPU_ONLY
+
+
+@functools.cache
+def _cpu_only() -> bool:
+    return all(
+        d.device_type == "CPU" for d in tf.config.list_logical_devices()
+    )
 
 
 _COMPILED_FORWARD: dict[tuple[TargetMargin, bool, bool, bool], Any] = {}
@@ -410,18 +416,27 @@ def _logits(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
 
 def _row_norms(t: tf.Tensor) -> tf.Tensor:
     if _in_xla_context():
-        return tf.norm(t, axis=1)
+        return tf.sqrt(_row_dots(t, t))
     # One pass over `t` instead of two (square, then sum). XLA has no kernel
-    # for it, and fuses the two passes of `tf.norm` by itself.
+    # for it.
     return tf.math.reduce_euclidean_norm(t, axis=1)
 
 
 def _row_dots(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    if _in_xla_context():
-        return tf.reduce_sum(a * b, axis=1)
-    # A batch of dot products: `reduce_sum(a * b)` would hold a temporary
-    # the size of `a`. XLA fuses the product into the sum.
-    return tf.einsum("cd,cd->c", a, b)
+    if not _in_xla_context():
+        # A batch of dot products: `reduce_sum(a * b)` would hold a
+        # temporary the size of `a`.
+        return tf.einsum("cd,cd->c", a, b)
+    if _cpu_only():
+        # XLA's CPU row reduction is slower than an elementwise product
+        # followed by a matrix-vector product: at C = 10 000, D = 512 on 2
+        # cores, 5.4 ms against 2.2 ms for the norms of a (C, D) kernel and
+        # 4.6 ms against 2.6 ms for the dot products of two. A training
+        # step's peak memory stays the same.
+        ones = tf.ones(tf.shape(a)[-1:], a.dtype)
+        return tf.linalg.matvec(a * b, ones)
+    # XLA fuses the product into the sum.
+    return tf.reduce_sum(a * b, axis=1)
 
 
 _TYPICAL_BATCH_SIZE = 256

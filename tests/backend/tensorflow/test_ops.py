@@ -234,22 +234,18 @@ def test_gradient_leaves_caller_tensors_unchanged(in_function, radial_path):
         np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("margin", [4, CosineMargin(0.35)], ids=str)
-def test_normalization_gradient_in_place_by_blocks(margin, monkeypatch):
-    # In a graph the gradient through the norms updates the kernel's
-    # gradient block by block in place; eagerly it is one subtraction.
-    monkeypatch.setattr(tf_ops, "_CLASS_BLOCKS", 3)
-    monkeypatch.setattr(tf_ops, "_MIN_CLASS_BLOCK", 2)
+def _normalized_problem():
+    """float64 (x, w, labels, upstream) over 11 classes, one of them with a
+    zero (clamped) norm, and the step that returns ∂L/∂x, ∂L/∂w."""
     rng = np.random.default_rng(5)
     x = tf.constant(rng.standard_normal((6, 4)))
     w = rng.standard_normal((11, 4)) * rng.uniform(0.5, 2.0, (11, 1))
-    w[9] = 0.0  # a clamped norm in the last block
+    w[9] = 0.0
     w = tf.constant(w)
     labels = np.array([0, 3, 3, 7, 9, 10], dtype="int32")
     upstream = tf.constant(rng.standard_normal((6, 11)))
-    saved = w.numpy().copy()
 
-    def step(x, w):
+    def step(x, w, margin):
         with tf.GradientTape() as tape:
             tape.watch([x, w])
             out = ops.margin_logits(
@@ -257,18 +253,40 @@ def test_normalization_gradient_in_place_by_blocks(margin, monkeypatch):
             )[0]
         return tape.gradient(out, [x, w], output_gradients=upstream)
 
-    graph_step = tf.function(step)
+    return x, w, step
+
+
+@pytest.mark.parametrize("margin", [4, CosineMargin(0.35)], ids=str)
+def test_normalization_gradient_in_place_by_blocks(margin, monkeypatch):
+    # In a graph the gradient through the norms updates the kernel's
+    # gradient block by block in place; eagerly it is one subtraction.
+    monkeypatch.setattr(tf_ops, "_CLASS_BLOCKS", 3)
+    monkeypatch.setattr(tf_ops, "_MIN_CLASS_BLOCK", 2)
+    x, w, step = _normalized_problem()
+    saved = w.numpy().copy()
+    graph_step = tf.function(lambda x, w: step(x, w, margin))
     types = [
         op.type for op in graph_step.get_concrete_function(x, w).graph
         .get_operations()
     ]
-    grads, eager_grads = graph_step(x, w), step(x, w)
+    grads, eager_grads = graph_step(x, w), step(x, w, margin)
     # The logits', the upstream gradient's and the kernel gradient's
     # labelled entries, then blocks of 4, 4 and 3 classes.
     assert types.count("ScatterNdNonAliasingAdd") == 6
     assert types.count("Einsum") == 3
     np.testing.assert_array_equal(w, saved)
     for got, want in zip(grads, eager_grads):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("margin", [4, CosineMargin(0.35)], ids=str)
+def test_xla_normalization_gradient_matches_eager(margin):
+    # Under XLA on a CPU the norms and the dot products are matrix-vector
+    # products of elementwise products.
+    x, w, step = _normalized_problem()
+    xla_step = tf.function(lambda x, w: step(x, w, margin), jit_compile=True)
+    for got, want in zip(xla_step(x, w), step(x, w, margin)):
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
