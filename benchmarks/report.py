@@ -47,9 +47,9 @@ _FAMILY_NOTES = {
         "norms itself (`ops.margin_logits(..., normalize_weights=True)`), "
         "so the backward pass keeps neither the unscaled logits nor a "
         "(B, C) product for the norms' gradient.",
-        "The times vary with the machine's load (IQRs up to a third of "
-        "the medians): the heads take 1.03–1.21 times Dense's time with "
-        "XLA and 1.04–1.27 without. About half of the difference is the "
+        "The heads take 1.03–1.21 times Dense's time with XLA and "
+        "1.04–1.27 without (IQRs up to a third of the medians). About "
+        "half of the extra time is the "
         "gradient through the norms: C dot products of the kernel's rows "
         "with their gradient and the update of that gradient, two passes "
         "over (C, D) arrays that take about 15 ms outside XLA, where "
@@ -108,12 +108,10 @@ _FAMILY_NOTES = {
 
 _PARTIAL_FC_NOTES = {
     "tensorflow": [
-        "The sampled step takes 0.25 times the Dense step's time (the "
-        "median of the per-round ratios agrees); with the machine's load "
-        "the ratio ranges from 0.14 to 0.27, with the Dense step "
-        "between 3.4 and 6.8 s.",
+        "The sampled step takes 0.14–0.27 times the Dense step's time "
+        "(median 0.25), with the Dense step taking 3.4 to 6.8 s.",
         "Its peak memory is not well under Dense's: 0.97 times it above "
-        "the baseline (0.79 to 0.97 with the machine's load). Keras's Adam updates "
+        "the baseline (0.79–0.97). Keras's Adam updates "
         "the whole (C, D) kernel every step as a chain of element-wise "
         "operations, each a (C, D) temporary (512 MB) outside XLA; with "
         "the kernel and its two moments that sets both peaks. With plain "
@@ -168,9 +166,9 @@ _LAZY_ADAM_COMPILED_NOTES = {
     "tensorflow": [
         "Under XLA, LazyAdam computes every row in one fused pass and keeps "
         "the untouched ones: the sampled step takes 0.26 times the Dense "
-        "step's time (0.28 as the median of the rounds' ratios) and 0.57 "
-        "times its peak memory above the baseline, against 0.25 and 0.64 "
-        "with Adam under XLA (the TensorFlow with XLA section above). The "
+        "step's time (per-round median 0.28) and 0.57 times its peak "
+        "memory above the baseline; Adam under XLA gives 0.25 and 0.64 "
+        "(the TensorFlow with XLA section above). The "
         "Dense step's time has an IQR of 1776 ms around its median of "
         "6155 ms.",
     ],
@@ -275,8 +273,8 @@ SECTIONS: list[dict[str, Any]] = [
         "--repeats 30 --out docs/benchmarks/bench_fit_cpu.json",
         "notes": [
             "At C = 1000 a step is 11 to 16 ms and its fixed costs weigh "
-            "more (1.08 to 1.19 times Dense); with the machine's load the "
-            "`fit` row ranges from 0.97 to 1.32.",
+            "more (1.08 to 1.19 times Dense); the `fit` row's ratio is "
+            "0.97 to 1.32.",
         ],
     },
     {
@@ -392,7 +390,8 @@ SECTIONS: list[dict[str, Any]] = [
             "times.",
             "The times of this table vary more than those of the family "
             "sections above, with IQRs of 5–30 % of the medians. Its memory "
-            "figures do not depend on the machine's load.",
+            "figures come from XLA's buffer assignment, the same in every "
+            "run.",
         ],
     },
     {
@@ -429,8 +428,8 @@ SECTIONS: list[dict[str, Any]] = [
         "--out docs/benchmarks/scheduler_overhead_torch.json",
         "notes": [
             "The in-step schedule adds a handful of scalar operations to the "
-            "step; its ratios to no callback are within the noise of this "
-            "machine (IQRs of 15–25 % of a step). The host-side "
+            "step, which cost less than the step's IQR (15–25 % of a "
+            "step). The host-side "
             "callable costs a synchronisation per batch: 1.19 times on "
             "TensorFlow and 2.07 times on JAX, whose compiled step is "
             "otherwise asynchronous.",
