@@ -79,7 +79,7 @@ _FAMILY_NOTES = {
         "compiled peak anywhere from 22 to 51 MiB. The section after "
         "the next one reads the compiled step's memory from XLA itself.",
         "Not compiled, JAX runs the layer's code op by op; the heads need "
-        "0.89–1.02 times Dense's peak memory and 0.95–1.01 times its time. "
+        "0.89–0.95 times Dense's peak memory and 0.95–0.97 times its time. "
         "Outside `jit` the op's backward pass keeps the caller's kernel, "
         "not a copy of it: a cast to the dtype the kernel already has is "
         "skipped, since under autodiff JAX would copy the kernel and keep "
@@ -386,7 +386,7 @@ SECTIONS: list[dict[str, Any]] = [
             "Compiled, every head of the family needs 0.75–0.79 times the "
             "memory of the Dense step at both sizes, so it stays within "
             "Dense's plus 10 %. L-Softmax needs exactly Dense's. With 3 "
-            "sub-centres, whose kernel has 3·C rows, ArcFace needs 3.75 "
+            "sub-centres, whose kernel has 3·C rows, ArcFace needs 3.5 "
             "times.",
             "The times of this table vary more than those of the family "
             "sections above, with IQRs of 5–30 % of the medians. Its memory "

@@ -481,9 +481,10 @@ class MarginDense(keras.layers.Layer):
         With K sub-centres, each class takes its largest sub-centre logit,
         except the labelled class, which takes the (margin) logit of the
         sub-centre in `rows`. The classes are those of the kernel rows the
-        op saw: all of them, or the kept ones of a sampling step. In
-        training the logits are gathered at each class's chosen sub-centre,
-        so the gradient reaches that one (the first of equal ones).
+        op saw: all of them, or the kept ones of a sampling step. On
+        TensorFlow and PyTorch a training step gathers the logits at each
+        class's chosen sub-centre, so the gradient reaches that one (the
+        first of equal ones); `max` would share it among equal ones.
         """
         if self.sub_centers == 1:
             return logits
@@ -492,23 +493,26 @@ class MarginDense(keras.layers.Layer):
         grouped = keras.ops.reshape(logits, (-1, classes, k))
         if labels is None:
             return keras.ops.max(grouped, axis=-1)
-        chosen = keras.ops.argmax(keras.ops.stop_gradient(grouped), axis=-1)
         ids = keras.ops.arange(classes, dtype=labels.dtype)
         is_label = keras.ops.equal(ids[None, :], labels[:, None])
+        if keras.backend.backend() == "jax":
+            # A kernel sharded by class (keras.distribution) shards these
+            # logits too: `max` along K stays within each device's share,
+            # where a gather across classes would collect all of them.
+            best = keras.ops.max(grouped, axis=-1)
+            target = keras.ops.take_along_axis(logits, rows[:, None], axis=1)
+            return keras.ops.where(is_label, target, best)
+        chosen = keras.ops.argmax(keras.ops.stop_gradient(grouped), axis=-1)
         labelled = keras.ops.cast(rows - labels * k, chosen.dtype)
         chosen = keras.ops.where(is_label, labelled[:, None], chosen)
         # A gather, whose gradient is one scatter, in place of `max`, whose
         # gradient takes some five passes over the (B, C, K) logits, and of
         # a `where` for the labelled class. At C = 10 000, K = 3 on 2 CPU
-        # cores a step takes 0.98-1.29 times a Dense step with the same
-        # (C·K, D) kernel on PyTorch, on JAX and under XLA, against
-        # 1.09-2.04 with `max`; TensorFlow without XLA, 1.08-1.43 against
-        # 1.18-1.34.
+        # cores a step takes 0.99-1.29 times a Dense step with the same
+        # (C·K, D) kernel on PyTorch and under XLA, against 1.09-2.04 with
+        # `max`; TensorFlow without XLA, 1.08-1.43 against 1.18-1.34. A
+        # flat gather: TensorFlow's `take_along_axis` is slower.
         columns = keras.ops.arange(classes, dtype=chosen.dtype)[None, :] * k
-        if keras.backend.standardize_dtype(chosen.dtype) == "int32":
-            # 32-bit indices (JAX without x64) address one row at a time.
-            return keras.ops.take_along_axis(logits, columns + chosen, 1)
-        # TensorFlow's `take_along_axis` is slower than a flat gather.
         batch = keras.ops.shape(logits)[0]
         starts = keras.ops.arange(batch, dtype=chosen.dtype) * (classes * k)
         flat = starts[:, None] + columns + chosen
