@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from keras_lsoftmax import ops
+from keras_lsoftmax.backend import ops as backend_ops
 from keras_lsoftmax.backend.common import MIN_SQUARED_NORM
 from keras_lsoftmax.initializers import TransposedInitializer
 from keras_lsoftmax.label_scope import HeadRecord
@@ -484,7 +485,8 @@ class MarginDense(keras.layers.Layer):
         op saw: all of them, or the kept ones of a sampling step. On
         TensorFlow and PyTorch a training step gathers the logits at each
         class's chosen sub-centre, so the gradient reaches that one (the
-        first of equal ones); `max` would share it among equal ones.
+        first of equal ones); `max` would share it among equal ones. On
+        JAX it is `max` (see `GATHER_SUB_CENTRES` in the backend's ops).
         """
         if self.sub_centers == 1:
             return logits
@@ -495,10 +497,7 @@ class MarginDense(keras.layers.Layer):
             return keras.ops.max(grouped, axis=-1)
         ids = keras.ops.arange(classes, dtype=labels.dtype)
         is_label = keras.ops.equal(ids[None, :], labels[:, None])
-        if keras.backend.backend() == "jax":
-            # A kernel sharded by class (keras.distribution) shards these
-            # logits too: `max` along K stays within each device's share,
-            # where a gather across classes would collect all of them.
+        if not backend_ops.GATHER_SUB_CENTRES:
             best = keras.ops.max(grouped, axis=-1)
             target = keras.ops.take_along_axis(logits, rows[:, None], axis=1)
             return keras.ops.where(is_label, target, best)

@@ -25,6 +25,13 @@ from keras_lsoftmax.backend.common import target_terms
 from keras_lsoftmax.margins import TargetMargin
 from keras_lsoftmax.margins import as_target_margin
 
+# Whether a training step of a sub-centre head gathers each class's logit at
+# its chosen sub-centre instead of taking `max` along the sub-centres. Not on
+# JAX: with a kernel sharded by class (keras.distribution) the logits are
+# sharded too, and XLA would all-gather them for the gather, where `max`
+# along the sub-centres stays within each device's share.
+GATHER_SUB_CENTRES = False
+
 # x·wᵀ and Gᵀ·x as contractions: `w.T` outside `jit` would copy the kernel.
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))
 _CONTRACT_FIRST = (((0,), (0,)), ((), ()))

@@ -20,6 +20,11 @@ from keras_lsoftmax.backend.tensorflow import compat
 from keras_lsoftmax.margins import TargetMargin
 from keras_lsoftmax.margins import as_target_margin
 
+# Whether a training step of a sub-centre head gathers each class's logit at
+# its chosen sub-centre (one scatter in the backward pass) instead of taking
+# `max` along the sub-centres (some five passes over the (B, C, K) logits).
+GATHER_SUB_CENTRES = True
+
 
 def compute_dtype(*dtypes: tf.DType) -> tf.DType:
     """The dtype the op computes in: float64 if any input is, else float32."""

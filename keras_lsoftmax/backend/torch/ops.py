@@ -41,6 +41,11 @@ from keras_lsoftmax.backend.common import target_terms
 from keras_lsoftmax.margins import TargetMargin
 from keras_lsoftmax.margins import as_target_margin
 
+# Whether a training step of a sub-centre head gathers each class's logit at
+# its chosen sub-centre (one scatter in the backward pass) instead of taking
+# `max` along the sub-centres (some five passes over the (B, C, K) logits).
+GATHER_SUB_CENTRES = True
+
 # The scaled upstream gradient of normalised weights is built in this many
 # blocks of classes (see `_add_upstream_product`), blocks of at least
 # _MIN_CLASS_BLOCK classes, so small heads run one matrix product. At
