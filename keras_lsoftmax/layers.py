@@ -501,7 +501,12 @@ class MarginDense(keras.layers.Layer):
             best = keras.ops.max(grouped, axis=-1)
             target = keras.ops.take_along_axis(logits, rows[:, None], axis=1)
             return keras.ops.where(is_label, target, best)
-        chosen = keras.ops.argmax(keras.ops.stop_gradient(grouped), axis=-1)
+        # 64-bit: Keras's argmax is int32, and the flat index below reaches
+        # B·C·K, which can pass 2³¹ (and would wrap to other logits).
+        chosen = keras.ops.cast(
+            keras.ops.argmax(keras.ops.stop_gradient(grouped), axis=-1),
+            "int64",
+        )
         labelled = keras.ops.cast(rows - labels * k, chosen.dtype)
         chosen = keras.ops.where(is_label, labelled[:, None], chosen)
         # A gather, whose gradient is one scatter, in place of `max`, whose
