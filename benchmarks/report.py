@@ -210,8 +210,8 @@ SECTIONS: list[dict[str, Any]] = [
         "notes": [
             "The margin costs a few percent of a Dense step or less, with "
             "and without XLA (`jit_compile=True`, the Keras default on "
-            "GPUs). On this shared 2-core machine a ratio varies by about "
-            "±0.04 at C = 1000 with the load (see the IQR column).",
+            "GPUs). At C = 1000 a ratio's spread is about ±0.04 (see the "
+            "IQR column).",
             "At C = 10 000 and 100 000 the L-Softmax step is even faster and "
             "smaller than Dense's. This comes from the kernel layout, not "
             "the margin: `LSoftmaxDense` stores one row per class, (C, D), "
